@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite on 8 simulated CPU devices (tests/conftest.py sets them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+exec .venv/bin/python -m pytest -q tests "$@"

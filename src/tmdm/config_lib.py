@@ -1,0 +1,229 @@
+"""Loading, overriding and validating experiment configs.
+
+`load("experiments/demo.py:tiny", ["--config.optim.lr=3e-4"])` imports the file, calls
+`get_config("tiny")`, applies the overrides (typed by the existing value; unknown keys fail) and
+validates the result. Every problem is a `ConfigError` whose message is one line a user can act on.
+"""
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+PARAMETERIZATIONS = ('completep', 'standard')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+REMAT_POLICIES = ('none', 'dots', 'full')
+T_SAMPLING = ('uniform', 'stratified')
+DECAYS = ('cosine', 'linear', 'constant')
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message says why in one line."""
+
+
+def _flat_keys(cfg, prefix=''):
+  for key, value in cfg.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_keys(value, name + '.')
+    else:
+      yield name
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Imports `path.py[:arg]` and returns its `get_config(arg)`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location('_tmdm_experiment', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config(arg)')
+  try:
+    cfg = module.get_config(arg or None)
+  except KeyError as e:  # Presets are dict lookups; name the choices.
+    presets = getattr(module, 'PRESETS', {})
+    raise ConfigError(f'{path}: unknown preset {e} (choices: {", ".join(presets) or "none"})') from None
+  _check_base_keys(cfg, path)
+  return cfg
+
+
+def _check_base_keys(cfg, path):
+  from tmdm import base_config  # pylint: disable=import-outside-toplevel
+  known = set(_flat_keys(base_config.get_config()))
+  for key in _flat_keys(cfg):
+    if key not in known:
+      raise ConfigError(f'{path}: unknown config key {key!r}{_suggest(key, known)}')
+
+
+def _suggest(key, known):
+  close = difflib.get_close_matches(key, sorted(known), n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ValueError(f'expected a boolean, got {text!r}')
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      as_float = float(text)  # Accept 1e5 for an integer key, but not 2.5.
+      if not as_float.is_integer():
+        raise ValueError(f'expected an integer, got {text!r}') from None
+      return int(as_float)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  return ast.literal_eval(text)
+
+
+def apply_overrides(cfg, overrides):
+  """Applies `--config.a.b=value` (or `a.b=value`) strings in place."""
+  known = set(_flat_keys(cfg))
+  for item in overrides:
+    text = item[len('--config.'):] if item.startswith('--config.') else item
+    key, sep, raw = text.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r} is not of the form --config.key=value')
+    if key not in known:
+      raise ConfigError(f'unknown config key {key!r}{_suggest(key, known)}')
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = _parse_value(raw, node[leaf])
+    except (ValueError, TypeError, SyntaxError) as e:
+      raise ConfigError(f'bad value for {key}: {raw!r} ({e})') from None
+  return cfg
+
+
+def load(spec: str, overrides=(), num_devices=None, process_count=1):
+  cfg = apply_overrides(load_file(spec), overrides)
+  validate(cfg, num_devices, process_count)
+  return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+  data: int
+  fsdp: int
+  tensor: int
+
+  @property
+  def batch_shards(self):
+    return self.data * self.fsdp
+
+  @property
+  def size(self):
+    return self.data * self.fsdp * self.tensor
+
+  def as_tuple(self):
+    return (self.data, self.fsdp, self.tensor)
+
+
+def resolve_mesh(mesh_cfg, num_devices: int) -> MeshShape:
+  sizes = {'data': mesh_cfg.data, 'fsdp': mesh_cfg.fsdp, 'tensor': mesh_cfg.tensor}
+  fill = [k for k, v in sizes.items() if v == -1]
+  if len(fill) > 1:
+    raise ConfigError(f'only one mesh axis may be -1, got {", ".join(fill)}')
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise ConfigError(f'mesh.{k} must be a positive size or -1, got {v}')
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(f'mesh axes {sizes} leave no whole size for mesh.{fill[0]} on {num_devices} devices')
+    sizes[fill[0]] = num_devices // fixed
+  shape = MeshShape(**sizes)
+  if shape.size != num_devices:
+    word = 'larger' if shape.size > num_devices else 'smaller'
+    raise ConfigError(f'mesh {shape.data}x{shape.fsdp}x{shape.tensor} (data x fsdp x tensor) = {shape.size} '
+                      f'devices is {word} than the {num_devices} visible devices')
+  return shape
+
+
+def rows_per_step(cfg) -> int:
+  """Rows the input pipeline delivers per step (complementary pairs duplicate each row)."""
+  return cfg.train.batch_size // 2 if cfg.diffusion.complementary else cfg.train.batch_size
+
+
+def _need(cond, msg):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate(cfg, num_devices=None, process_count=1):
+  """Raises ConfigError on the first problem found. num_devices=None skips device-dependent checks."""
+  m, d, o, t = cfg.model, cfg.diffusion, cfg.optim, cfg.train
+  from tmdm.diffusion import schedules  # pylint: disable=import-outside-toplevel
+  _need(m.parameterization in PARAMETERIZATIONS,
+        f'model.parameterization must be one of {PARAMETERIZATIONS}, got {m.parameterization!r}')
+  _need(m.attention_impl in ATTENTION_IMPLS, f'model.attention_impl must be one of {ATTENTION_IMPLS}')
+  _need(m.remat in REMAT_POLICIES, f'model.remat must be one of {REMAT_POLICIES}, got {m.remat!r}')
+  for k in ('d_model', 'n_layers', 'n_heads', 'd_head', 'd_ff', 'base_width', 'base_depth'):
+    _need(m[k] > 0, f'model.{k} must be positive, got {m[k]}')
+  _need(m.d_head % 2 == 0, f'model.d_head must be even for rotary embeddings, got {m.d_head}')
+  _need(m.compute_dtype in ('bfloat16', 'float32', 'float16'), f'bad model.compute_dtype {m.compute_dtype!r}')
+  for mod in ('text', 'image', 'audio'):
+    name = d[f'schedule_{mod}']
+    _need(name in schedules.SCHEDULES,
+          f'diffusion.schedule_{mod} must be one of {tuple(schedules.SCHEDULES)}, got {name!r}')
+  _need(0.0 <= d.t_min < 1.0, f'diffusion.t_min must be in [0, 1), got {d.t_min}')
+  _need(d.t_sampling in T_SAMPLING, f'diffusion.t_sampling must be one of {T_SAMPLING}')
+  _need(d.poly_power > 0, 'diffusion.poly_power must be positive')
+  _need(0 < d.loglinear_eps < 1, 'diffusion.loglinear_eps must be in (0, 1)')
+  probs = (d.p_joint, d.p_conditional, d.p_drop_condition)
+  _need(min(probs) >= 0 and abs(sum(probs) - 1) < 1e-6,
+        f'diffusion.p_joint + p_conditional + p_drop_condition must be 1, got {sum(probs):g}')
+  for k in ('text_size', 'image_size', 'audio_size', 'multiple'):
+    _need(cfg.vocab[k] > 0, f'vocab.{k} must be positive')
+  _need(cfg.data.seq_len >= 4, f'data.seq_len must be at least 4, got {cfg.data.seq_len}')
+  _need(0 <= cfg.data.val_fraction < 1, 'data.val_fraction must be in [0, 1)')
+  _need(cfg.data.num_workers >= 0 and cfg.data.prefetch >= 0, 'data.num_workers and data.prefetch must be >= 0')
+  _need(o.lr > 0, f'optim.lr must be positive, got {o.lr}')
+  _need(0 <= o.b1 < 1 and 0 < o.b2 < 1, f'optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}')
+  _need(o.eps > 0 and o.weight_decay >= 0 and o.clip_norm >= 0, 'optim.eps > 0, weight_decay >= 0, clip_norm >= 0')
+  _need(0 <= o.warmup_frac <= 1, f'optim.warmup_frac must be in [0, 1], got {o.warmup_frac}')
+  _need(o.decay in DECAYS, f'optim.decay must be one of {DECAYS}, got {o.decay!r}')
+  _need(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio must be in [0, 1]')
+  _need(t.num_steps > 0, f'train.num_steps must be positive, got {t.num_steps}')
+  _need(t.log_every_steps > 0, 'train.log_every_steps must be positive')
+  _need(t.eval_every_steps >= 0 and t.eval_batches >= 0, 'train.eval_every_steps and eval_batches must be >= 0')
+  _need(cfg.checkpoint.every_steps > 0 and cfg.checkpoint.keep > 0,
+        'checkpoint.every_steps and checkpoint.keep must be positive')
+  _need(0 < cfg.sample.top_p <= 1 and cfg.sample.temperature > 0 and cfg.sample.steps > 0,
+        'sample.top_p in (0, 1], sample.temperature > 0, sample.steps > 0')
+  _need(t.batch_size > 0 and t.microbatches > 0, 'train.batch_size and train.microbatches must be positive')
+  if d.complementary:
+    _need(t.batch_size % 2 == 0,
+          f'train.batch_size {t.batch_size} must be even with diffusion.complementary (rows come in pairs)')
+  _need(t.batch_size % t.microbatches == 0,
+        f'train.batch_size {t.batch_size} is not divisible by train.microbatches {t.microbatches}')
+  if num_devices is None:
+    return
+  mesh = resolve_mesh(cfg.mesh, num_devices)
+  micro = t.batch_size // t.microbatches
+  _need(micro % mesh.batch_shards == 0,
+        f'batch of {micro} rows per microbatch (train.batch_size {t.batch_size} / microbatches {t.microbatches}) '
+        f'is not divisible by the {mesh.batch_shards} batch shards (mesh.data {mesh.data} x mesh.fsdp {mesh.fsdp})')
+  rows = rows_per_step(cfg)
+  _need(rows % mesh.batch_shards == 0 and rows % process_count == 0,
+        f'{rows} input rows per step do not divide over {mesh.batch_shards} batch shards and {process_count} processes')
+  _need(m.d_model % mesh.fsdp == 0, f'model.d_model {m.d_model} is not divisible by mesh.fsdp {mesh.fsdp}')
+  for k in ('n_heads', 'd_ff'):
+    _need(m[k] % mesh.tensor == 0, f'model.{k} {m[k]} is not divisible by mesh.tensor {mesh.tensor}')
+  _need(cfg.vocab.multiple % mesh.tensor == 0,
+        f'vocab.multiple {cfg.vocab.multiple} is not divisible by mesh.tensor {mesh.tensor} (vocab-parallel loss)')

@@ -1,0 +1,81 @@
+"""The continuous-time ELBO of absorbing-state diffusion, per token and per modality.
+
+  ELBO per token = sum over rows b and masked positions i of w(t_b) * -log p(x0_i | x_t)
+                   / (number of supervised positions in the batch)
+
+w(t) = -alpha'(t) / (1 - alpha(t)) already divides by the expected masked share (1/t for the linear
+schedule); the sum is then divided by the supervised (non-pad) token count, never by the realized
+number of masked tokens, which would be a different, biased objective (DESIGN.md 2.3).
+
+Sums and counts are kept separately (`elbo_sums`) so that microbatches and log intervals add up
+exactly before the one division (`finalize`).
+
+Legend: B rows, L positions, V vocabulary (sharded over 'tensor'), M modalities.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tmdm import sharding as sharding_lib
+from tmdm.modalities import spec
+
+
+def allowed_table(vocab: spec.VocabSpec, sharder: sharding_lib.Sharder):
+  """Bool [M, V]: ids each modality may predict (iota comparisons, no baked-in constant)."""
+  bounds = jnp.asarray([vocab.range(m) for m in range(len(spec.MODALITIES))], jnp.int32)
+  ids_V = jnp.arange(vocab.size, dtype=jnp.int32)
+  allowed_MV = (ids_V >= bounds[:, :1]) & (ids_V < bounds[:, 1:])
+  return sharder.constrain(allowed_MV, (None, 'vocab'))
+
+
+def vocab_parallel_nll(logits_BLV, targets_BL, modality_BL, allowed_MV, sharder: sharding_lib.Sharder):
+  """-log softmax(logits restricted to the position's modality)[target], vocabulary sharded over
+  'tensor' (Megatron-style: local max / sum-exp / target logit, combined by collectives)."""
+
+  def local(logits, targets, modality, allowed):
+    v_local = logits.shape[-1]
+    offset = jax.lax.axis_index('tensor') * v_local
+    logits = jnp.where(allowed[modality], logits, -1e30)
+    row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), 'tensor')
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1), 'tensor')
+    local_t = targets - offset
+    inside = (local_t >= 0) & (local_t < v_local)
+    picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(inside, picked, 0.0), 'tensor')
+    return jnp.log(sum_exp) + row_max - target_logit
+
+  batch = sharding_lib.BATCH_AXES
+  return jax.shard_map(
+      local, mesh=sharder.mesh,
+      in_specs=(P(batch, None, 'tensor'), P(batch, None), P(batch, None), P(None, 'tensor')),
+      out_specs=P(batch, None))(logits_BLV, targets_BL, modality_BL, allowed_MV)
+
+
+def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL) -> dict:
+  """Weighted NLL sums and supervised counts, in total and per modality (float32 scalars)."""
+  term_BL = jnp.where(masked_BL, weight_BL * nll_BL, 0.0)
+  out = {'elbo_sum': jnp.sum(term_BL), 'count': jnp.sum(supervised_BL, dtype=jnp.float32),
+         'masked': jnp.sum(masked_BL, dtype=jnp.float32)}
+  for m, name in enumerate(spec.MODALITIES):
+    is_m = modality_BL == m
+    out[f'elbo_sum/{name}'] = jnp.sum(jnp.where(is_m, term_BL, 0.0))
+    out[f'count/{name}'] = jnp.sum(supervised_BL & is_m, dtype=jnp.float32)
+  return out
+
+
+def finalize(sums: dict) -> dict:
+  """Per-token ELBO (`loss`), per modality `loss/<m>` and the bound `ppl/<m>` = exp(ELBO per token).
+  Modalities with no supervised token are left out. Works on numpy or jax scalars."""
+  out = {}
+  if sums['count'] > 0:
+    out['loss'] = float(sums['elbo_sum'] / sums['count'])
+    out['masked_frac'] = float(sums['masked'] / sums['count'])
+  for name in spec.MODALITIES:
+    if sums[f'count/{name}'] > 0:
+      loss = float(sums[f'elbo_sum/{name}'] / sums[f'count/{name}'])
+      out[f'loss/{name}'] = loss
+      out[f'ppl/{name}'] = math.exp(min(loss, 80.0))
+  return out

@@ -1,0 +1,139 @@
+"""Model configuration (frozen, hashable: jitted code closes over it) and size presets.
+
+CompleteP (Dey et al. 2025, arXiv 2505.01618) with width multiplier m_w = d_model / base_width and
+depth multiplier m_L = n_layers / base_depth, alpha = depth_alpha (1 for CompleteP):
+  residual branches        x + m_L^-alpha * F(x)
+  hidden init std          init_std / sqrt(m_w)
+  hidden Adam lr           lr / m_w * m_L^(alpha - 1)
+  hidden Adam eps          eps / m_w * m_L^-alpha
+  norm-scale lr, eps       lr * m_L^(alpha - 1), eps * m_L^-alpha
+  hidden weight decay      wd * m_w   (ours: optax multiplies decay by the lr, so lr * wd stays put)
+  output logits            x 1 / m_w
+  attention scale          1 / d_head
+Embedding and unembedding keep the base lr, eps and decay. 'standard' sets every multiplier to 1,
+uses 1/sqrt(d_head) and GPT-2's 1/sqrt(2 n_layers) init for the residual output projections.
+"""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+GROUPS = ('embed', 'hidden', 'norm', 'unembed')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  d_head: int = 64
+  d_ff: int = 704
+  parameterization: str = 'completep'
+  base_width: int = 256
+  base_depth: int = 4
+  depth_alpha: float = 1.0
+  init_std: float = 0.02
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  compute_dtype: str = 'bfloat16'
+  attention_impl: str = 'auto'
+  remat: str = 'none'
+  scan_layers: bool = True
+  time_conditioning: bool = False
+
+  @classmethod
+  def from_config(cls, m, vocab_size: int) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
+    return cls(vocab_size=vocab_size, **{k: m[k] for k in fields})
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def completep(self) -> bool:
+    return self.parameterization == 'completep'
+
+  @property
+  def width_mult(self) -> float:
+    return self.d_model / self.base_width
+
+  @property
+  def depth_mult(self) -> float:
+    return self.n_layers / self.base_depth
+
+  @property
+  def residual_mult(self) -> float:
+    return self.depth_mult**-self.depth_alpha if self.completep else 1.0
+
+  @property
+  def output_mult(self) -> float:
+    return 1.0 / self.width_mult if self.completep else 1.0
+
+  @property
+  def attn_scale(self) -> float:
+    return 1.0 / self.d_head if self.completep else 1.0 / math.sqrt(self.d_head)
+
+  @property
+  def hidden_std(self) -> float:
+    return self.init_std / math.sqrt(self.width_mult) if self.completep else self.init_std
+
+  @property
+  def out_proj_std(self) -> float:
+    return self.hidden_std if self.completep else self.init_std / math.sqrt(2 * self.n_layers)
+
+  def group_multipliers(self) -> dict:
+    """Per parameter group: multipliers of the base lr, Adam eps and weight decay."""
+    ones = {'lr': 1.0, 'eps': 1.0, 'wd': 1.0}
+    if not self.completep:
+      return {g: dict(ones, wd=0.0 if g == 'norm' else 1.0) for g in GROUPS}
+    m_w, m_l, a = self.width_mult, self.depth_mult, self.depth_alpha
+    return {
+        'embed': dict(ones),
+        'unembed': dict(ones),
+        'hidden': {'lr': m_l**(a - 1) / m_w, 'eps': m_l**-a / m_w, 'wd': m_w},
+        'norm': {'lr': m_l**(a - 1), 'eps': m_l**-a, 'wd': 0.0},
+    }
+
+  # Parameter and FLOP counts (see BUILD_NOTES.md for the formula).
+  @property
+  def block_matmul_params(self) -> int:
+    attn = 4 * self.d_model * self.n_heads * self.d_head
+    return attn + 3 * self.d_model * self.d_ff
+
+  @property
+  def matmul_params(self) -> int:
+    """Weights that take part in matmuls: blocks and the unembedding (the embedding is a lookup)."""
+    return self.n_layers * self.block_matmul_params + self.d_model * self.vocab_size
+
+  @property
+  def non_embedding_params(self) -> int:
+    return self.n_layers * (self.block_matmul_params + 2 * self.d_model) + self.d_model
+
+  @property
+  def num_params(self) -> int:
+    return self.non_embedding_params + 2 * self.vocab_size * self.d_model
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + 12 x layers x seq x (heads x d_head).
+    Attention is bidirectional, so there is no causal halving."""
+    return 6.0 * self.matmul_params + 12.0 * self.n_layers * seq_len * self.n_heads * self.d_head
+
+
+# Shapes only; vocabulary sizes come from the experiment's vocab section.
+PRESETS = {
+    'test': dict(d_model=40, n_layers=3, n_heads=4, d_head=10, d_ff=28, base_width=40, base_depth=3),
+    'tiny': dict(d_model=64, n_layers=2, n_heads=2, d_head=32, d_ff=176, base_width=64, base_depth=2),
+    'demo': dict(d_model=192, n_layers=4, n_heads=3, d_head=64, d_ff=512, base_width=192, base_depth=4),
+    'cpu-small': dict(d_model=256, n_layers=4, n_heads=4, d_head=64, d_ff=704),
+    # Pilot of the paper's batch-size study: ~320M parameters, ~240M of them embeddings (with a
+    # ~118k joint vocabulary), width / depth = 128 (DESIGN.md 2.1).
+    'pilot-320m': dict(d_model=1024, n_layers=8, n_heads=8, d_head=128, d_ff=2048),
+    'bench-0.5b': dict(d_model=1024, n_layers=24, n_heads=8, d_head=128, d_ff=5632),
+    'bench-1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),
+    '1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),
+    # The paper's largest model: ~3B parameters (shape ours; width / depth = 128).
+    '3b': dict(d_model=3072, n_layers=24, n_heads=24, d_head=128, d_ff=8192),
+}

@@ -1,0 +1,108 @@
+"""The bidirectional masked-diffusion Transformer over the joint vocabulary.
+
+Legend: B rows, L positions, D d_model, V joint vocabulary (padded), M modalities.
+Input: corrupted ids, segment ids (0 = padding) and per-document positions; output: float32 logits
+[B, L, V] sharded over the vocabulary. No time input unless `time_conditioning` (DESIGN.md 2.1).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tmdm import sharding as sharding_lib
+from tmdm.model import layers
+from tmdm.model.config import ModelConfig
+
+REMAT_POLICIES = {
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class _ScannedBlock(nn.Module):
+  cfg: ModelConfig
+  sharder: sharding_lib.Sharder
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    return _block_cls(self.cfg)(self.cfg, self.sharder, name='block')(x_BLD, segment_ids_BL, positions_BL), None
+
+
+def _block_cls(cfg: ModelConfig):
+  if cfg.remat == 'none':
+    return layers.Block
+  return nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+  sharder: sharding_lib.Sharder
+
+  @nn.compact
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, t_B=None):
+    c, s = self.cfg, self.sharder
+    act = ('batch', 'length', 'act_embed')
+    table_VD = layers.weight(self, 'embed', (c.vocab_size, c.d_model), ('vocab', 'embed'), c.init_std, s)
+    x_BLD = s.constrain(vocab_parallel_lookup(table_VD, tokens_BL, s), act)
+    if c.time_conditioning:
+      x_BLD = x_BLD + self._time_embedding(t_B)[:, None, :]
+    if c.scan_layers:
+      stack = nn.scan(_ScannedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BLD, _ = stack(c, s, name='blocks')(x_BLD, segment_ids_BL, positions_BL)
+    else:
+      for i in range(c.n_layers):
+        x_BLD = _block_cls(c)(c, s, name=f'block_{i}')(x_BLD, segment_ids_BL, positions_BL)
+    x_BLD = layers.RMSNorm(c, s, name='final_norm')(x_BLD)
+    w_DV = layers.weight(self, 'unembed', (c.d_model, c.vocab_size), ('embed', 'vocab'), c.init_std, s)
+    logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, w_DV, preferred_element_type=jnp.float32)
+    return s.constrain(logits_BLV * c.output_mult, ('batch', 'length', 'vocab'))
+
+  def _time_embedding(self, t_B):
+    c = self.cfg
+    freqs = jnp.exp(jnp.linspace(0.0, jnp.log(1000.0), 32))
+    feats_BF = jnp.concatenate([jnp.sin(t_B[:, None] * freqs), jnp.cos(t_B[:, None] * freqs)], axis=-1)
+    w = layers.weight(self, 'time_proj', (feats_BF.shape[-1], c.d_model), (None, 'embed'), c.hidden_std,
+                      self.sharder)
+    return feats_BF.astype(c.dtype) @ w
+
+
+def vocab_parallel_lookup(table_VD, tokens_BL, sharder: sharding_lib.Sharder):
+  """Embedding rows of a table sharded over 'tensor' by vocabulary: each shard looks up the ids in
+  its range and the shards are summed (XLA's own gather on a sharded table replicates it)."""
+  if sharder.mesh is None:
+    return jnp.take(table_VD, tokens_BL, axis=0)
+
+  def local(table, tokens):
+    v_local = table.shape[0]
+    local_ids = tokens - jax.lax.axis_index('tensor') * v_local
+    inside = (local_ids >= 0) & (local_ids < v_local)
+    rows = jnp.take(table, jnp.clip(local_ids, 0, v_local - 1), axis=0)
+    return jax.lax.psum(jnp.where(inside[..., None], rows, 0), 'tensor')
+
+  batch = sharding_lib.BATCH_AXES
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(P('tensor', None), P(batch, None)),
+                       out_specs=P(batch, None, None))(table_VD, tokens_BL)
+
+
+def restrict(logits_BLV, modality_BL, allowed_MV):
+  """-inf outside each position's modality range (DESIGN.md 2.2)."""
+  return jnp.where(allowed_MV[modality_BL], logits_BLV, -jnp.inf)
+
+
+def param_group(path) -> str:
+  names = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
+  if names[-1] == 'embed':
+    return 'embed'
+  if names[-1] == 'unembed':
+    return 'unembed'
+  if names[-1] == 'scale':
+    return 'norm'
+  return 'hidden'
+
+
+def param_groups(params):
+  """Tree of group names (model.config.GROUPS) with the structure of params."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)

@@ -1,0 +1,99 @@
+"""The pure train and eval steps.
+
+A batch is a dict of [B, L] int32 arrays: tokens, segment_ids, positions, role, modality (see
+data/pipeline.py). Corruption is drawn for the whole physical batch first, so that splitting it into
+k accumulated microbatches changes nothing but peak memory: the summed gradient of
+sum_mb(ELBO terms) / count(whole batch) equals the gradient of the whole batch.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tmdm import sharding as sharding_lib
+from tmdm.diffusion import corruption, loss as loss_lib
+from tmdm.train_state import TrainState
+
+BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'role', 'modality')
+
+
+def _corrupt_batch(rng, batch, diff_cfg, mask_id):
+  if diff_cfg.complementary:  # Rows arrive once; the pair is [x; x] with complementary masks.
+    batch = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
+  c = corruption.corrupt(rng, batch['tokens'], batch['role'], batch['modality'], diff_cfg, mask_id)
+  return batch, c
+
+
+def _sums(params, model, batch, c, allowed_MV, sharder):
+  logits_BLV = model.apply({'params': params}, c['x_t_BL'], batch['segment_ids'], batch['positions'], c['t_B'])
+  nll_BL = loss_lib.vocab_parallel_nll(logits_BLV, batch['tokens'], batch['modality'], allowed_MV, sharder)
+  return loss_lib.elbo_sums(nll_BL, c['masked_BL'], c['weight_BL'], c['supervised_BL'], batch['modality'])
+
+
+def _split_microbatches(tree, k, sharder):
+  """[B, ...] -> [k, B/k, ...] where microbatch i holds rows i, i+k, ...: every device keeps an
+  equal share of every microbatch (contiguous splits would leave devices idle)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    x = sharder.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
+    x = jnp.swapaxes(x, 0, 1)
+    return sharder.constrain(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, tree)
+
+
+def grads_and_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, microbatches):
+  """Gradient of the batch's per-token ELBO and its sums (loss_lib.elbo_sums), accumulated over
+  `microbatches` slices of the batch."""
+  batch, c = _corrupt_batch(rng, batch, diff_cfg, vocab.mask_id)
+  allowed_MV = loss_lib.allowed_table(vocab, sharder)
+  count = jnp.maximum(jnp.sum(c['supervised_BL'], dtype=jnp.float32), 1.0)
+
+  def objective(p, mb, mc):
+    sums = _sums(p, model, mb, mc, allowed_MV, sharder)
+    return sums['elbo_sum'] / count, sums
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if microbatches == 1:
+    (_, sums), grads = grad_fn(params, batch, c)
+    return grads, sums
+  slices = _split_microbatches((batch, c), microbatches, sharder)
+
+  def accumulate(carry, xs):
+    (_, sums), grads = grad_fn(params, *xs)
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+  first = jax.tree.map(lambda x: x[0], slices)
+  (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, params, *first)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, sums_shape))
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, slices)
+  return grads, sums
+
+
+def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder, microbatches):
+  rng = jax.random.fold_in(state.rng, state.step)
+  grads, sums = grads_and_sums(state.params, batch, rng, model=model, diff_cfg=diff_cfg, vocab=vocab,
+                               sharder=sharder, microbatches=microbatches)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(sums, grad_norm=optax.tree_utils.tree_norm(grads))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder):
+  """ELBO sums of one batch at a fixed corruption key (for validation)."""
+  batch, c = _corrupt_batch(rng, batch, diff_cfg, vocab.mask_id)
+  return _sums(params, model, batch, c, loss_lib.allowed_table(vocab, sharder), sharder)
+
+
+def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, state_sh, microbatches: int):
+  """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state."""
+  common = dict(model=model, diff_cfg=diff_cfg, vocab=vocab_spec, sharder=sharder)
+  batch_sh = {k: sharder.batch() for k in BATCH_KEYS}
+  rep = sharder.replicated
+  step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, **common),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_sums, **common), in_shardings=(state_sh.params, batch_sh, rep),
+                     out_shardings=rep)
+  return step, evaluate

@@ -1,0 +1,42 @@
+"""Shared test fixtures' building blocks: tiny configs, random batches, a prepared text dataset."""
+
+import os
+
+import numpy as np
+
+from tmdm import base_config
+from tmdm.model import config as model_config
+from tmdm.modalities import spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**model_overrides):
+  """Prime-sized where the meshes allow: vocab 37/11/13 ids, seq 13, d_head 10, 3 layers."""
+  c = base_config.get_config()
+  c.model.update(model_config.PRESETS['test'])
+  c.model.update(compute_dtype='float32', attention_impl='xla', **model_overrides)
+  c.vocab.update(text_size=37, image_size=11, audio_size=13, multiple=8)
+  c.data.seq_len = 13
+  c.train.batch_size = 8
+  return c
+
+
+def random_batch(vocab: spec.VocabSpec, rows, length, seed=0, modalities=(spec.TEXT,)):
+  """Random packed rows: 1-3 documents per row, boundaries FIXED, each document one modality."""
+  rng = np.random.default_rng(seed)
+  out = {k: np.zeros((rows, length), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'role', 'modality')}
+  for r in range(rows):
+    cuts = np.sort(rng.choice(np.arange(3, length - 2), size=rng.integers(0, 3), replace=False))
+    bounds = [0, *cuts, length]
+    for seg, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+      m = modalities[rng.integers(len(modalities))]
+      a, b = vocab.range(m)
+      out['tokens'][r, lo:hi] = rng.integers(a, b, hi - lo)
+      out['segment_ids'][r, lo:hi] = seg
+      out['positions'][r, lo:hi] = np.arange(hi - lo)
+      out['role'][r, lo:hi] = spec.TARGET
+      out['modality'][r, lo:hi] = m
+      out['tokens'][r, lo] = vocab.id('<txt>')
+      out['role'][r, lo] = spec.FIXED
+  return out
