@@ -1,5 +1,7 @@
-"""Subcommands of the `tmdm` CLI (COMMANDS registry); cli.py parses flags and calls these."""
+"""Subcommands of the `tmdm` CLI: COMMANDS maps a name to its help, its argparse arguments and the
+function that runs it (args, config overrides) -> exit status. cli.py builds the parser from it."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,4 +61,37 @@ def sample(args, overrides):
   return 0
 
 
-COMMANDS = {'prepare': prepare, 'train': train_cmd, 'sample': sample}
+@dataclasses.dataclass(frozen=True)
+class Command:
+  help: str
+  add_arguments: object  # argparse parser -> None
+  run: object  # (args, overrides) -> exit status
+
+
+def _config_arg(p, required=True):
+  p.add_argument('--config', required=required, help='experiments/FILE.py[:preset]')
+
+
+def _prepare_args(p):
+  _config_arg(p)
+  p.add_argument('--force', action='store_true', help='rebuild datasets that exist')
+
+
+def _train_args(p):
+  _config_arg(p)
+  p.add_argument('--workdir', required=True, help='run folder: checkpoints, metrics, config')
+
+
+def _sample_args(p):
+  p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
+  p.add_argument('--n', type=int, default=0, help='number of samples (default: sample.num)')
+  p.add_argument('--prompt', default='', help='text the samples start with')
+  p.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples)')
+  p.add_argument('--seed', type=int, default=0, help='random seed')
+
+
+COMMANDS = {
+    'prepare': Command('build datasets and tokenizers', _prepare_args, prepare),
+    'train': Command('train, or resume from the latest checkpoint', _train_args, train_cmd),
+    'sample': Command('generate from a trained workdir', _sample_args, sample),
+}
