@@ -24,6 +24,8 @@ def get_config(arg=None):
   c.model.update(model_config.PRESETS[preset['model']])
   c.model.update(remat='dots', compute_dtype='bfloat16')
   c.vocab.update(text_size=100_000, image_size=8192, audio_size=8192)
+  c.image.levels = (8, 8, 8, 16)  # FSQ codebooks of 8192 codes, matching the vocabulary
+  c.audio.levels = (8, 8, 8, 16)
   c.data.update(text_name='text', seq_len=2048, num_workers=8, prefetch=4)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.optim.update(lr=3e-3, warmup_frac=0.25, max_warmup_steps=1000)

@@ -52,7 +52,8 @@ def main(argv=None):
   try:
     return commands.COMMANDS[args.command].run(args, overrides)
   except commands.USER_ERRORS as e:
-    print(f'tmdm {args.command}: error: {e}', file=sys.stderr)
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__  # Grain appends traceback notes.
+    print(f'tmdm {args.command}: error: {message}', file=sys.stderr)
     return 2
 
 

@@ -160,6 +160,10 @@ def rows_per_step(cfg) -> int:
   return cfg.train.batch_size // 2 if cfg.diffusion.complementary else cfg.train.batch_size
 
 
+def num_data_shards(cfg, process_count: int) -> int:
+  return cfg.data.num_shards or process_count
+
+
 def _need(cond, msg):
   if not cond:
     raise ConfigError(msg)
@@ -212,6 +216,15 @@ def validate(cfg, num_devices=None, process_count=1):
           f'train.batch_size {t.batch_size} must be even with diffusion.complementary (rows come in pairs)')
   _need(t.batch_size % t.microbatches == 0,
         f'train.batch_size {t.batch_size} is not divisible by train.microbatches {t.microbatches}')
+  _need(cfg.checkpoint.on_error in ('stop', 'warn'), "checkpoint.on_error must be 'stop' or 'warn'")
+  _need(t.max_nonfinite_streak > 0 and t.rollbacks >= 0, 'train.max_nonfinite_streak > 0, train.rollbacks >= 0')
+  _need(cfg.data.num_shards >= 0 and 0 <= cfg.data.max_skip_fraction <= 1,
+        'data.num_shards >= 0 and data.max_skip_fraction in [0, 1]')
+  _validate_batch_scaling(cfg)
+  for mod in ('image', 'audio'):  # The FSQ codebook is the modality's whole id range in the vocabulary.
+    levels, size = tuple(cfg[mod].levels), cfg.vocab[f'{mod}_size']
+    _need(all(isinstance(x, int) and x >= 2 for x in levels) and math.prod(levels) == size,
+          f'{mod}.levels {levels} give {math.prod(levels)} codes but vocab.{mod}_size is {size}; they must be equal')
   if num_devices is None:
     return
   mesh = resolve_mesh(cfg.mesh, num_devices)
@@ -222,8 +235,35 @@ def validate(cfg, num_devices=None, process_count=1):
   rows = rows_per_step(cfg)
   _need(rows % mesh.batch_shards == 0 and rows % process_count == 0,
         f'{rows} input rows per step do not divide over {mesh.batch_shards} batch shards and {process_count} processes')
+  shards = num_data_shards(cfg, process_count)
+  _need(shards % process_count == 0 and rows % shards == 0,
+        f'data.num_shards {shards} must be a multiple of the {process_count} processes and divide the {rows} '
+        'input rows per step')
   _need(m.d_model % mesh.fsdp == 0, f'model.d_model {m.d_model} is not divisible by mesh.fsdp {mesh.fsdp}')
   for k in ('n_heads', 'd_ff'):
     _need(m[k] % mesh.tensor == 0, f'model.{k} {m[k]} is not divisible by mesh.tensor {mesh.tensor}')
   _need(cfg.vocab.multiple % mesh.tensor == 0,
         f'vocab.multiple {cfg.vocab.multiple} is not divisible by mesh.tensor {mesh.tensor} (vocab-parallel loss)')
+
+
+def _validate_batch_scaling(cfg):
+  """The SDE batch scaler's keys, then its validity limit: one-line errors before any compile."""
+  from tmdm import optim  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  o = cfg.optim
+  _need(o.base_batch >= 0 and o.base_tokens >= 0 and o.logical_batch >= 0,
+        'optim.base_batch, base_tokens and logical_batch must be >= 0 (0: from this run)')
+  _need(o.weight_decay_rule in optim.WEIGHT_DECAY_RULES,
+        f'optim.weight_decay_rule must be one of {tuple(optim.WEIGHT_DECAY_RULES)}, got {o.weight_decay_rule!r}')
+  _need(o.on_exceeding_crit in optim.ON_EXCEEDING_CRIT,
+        f'optim.on_exceeding_crit must be one of {optim.ON_EXCEEDING_CRIT}, got {o.on_exceeding_crit!r}')
+  _need(o.s_crit >= 0, f'optim.s_crit must be >= 0, got {o.s_crit}')
+  _need(0 <= o.ema < 1, f'optim.ema must be in [0, 1), got {o.ema}')
+  p = optim.plan(o, num_steps=cfg.train.num_steps, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len)
+  for k in ('b1', 'b2', 'ema'):  # beta**kappa is in (0, 1) in float64, but the optimizer runs in float32.
+    if o[k] > 0 and k in p.hyper:
+      _need(np.float32(p.hyper[k]) < 1, f'kappa {p.kappa:.3g} makes optim.{k} {o[k]} round to 1 in float32 '
+            f'({o[k]}**kappa = {p.hyper[k]!r}); the physical batch is too small for the logical batch '
+            f'{p.logical_batch:.4g}')
+  if o.on_exceeding_crit == 'error':
+    _need(not p.exceeds_crit, p.crit_message())

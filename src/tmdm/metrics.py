@@ -14,7 +14,9 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_partial_line(path)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(workdir)
@@ -35,6 +37,16 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def _drop_partial_line(path):
+  """A run killed mid-write leaves a line without its newline; cut it before appending."""
+  if not os.path.isfile(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if data and not data.endswith(b'\n'):
+      f.truncate(data.rfind(b'\n') + 1)
 
 
 def read_jsonl(path):

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -16,9 +17,9 @@ import numpy as np
 import tqdm
 
 from tmdm import checkpoint as checkpoint_lib
-from tmdm import config_lib, metrics as metrics_lib, optim, perf, sharding as sharding_lib
+from tmdm import config_lib, metrics as metrics_lib, optim, perf, resilience, sharding as sharding_lib
 from tmdm import train_state, train_step
-from tmdm.data import pipeline, store
+from tmdm.data import mixture, pipeline, store
 from tmdm.diffusion import corruption, loss as loss_lib
 from tmdm.modalities import spec
 from tmdm.model import config as model_config, transformer
@@ -49,85 +50,132 @@ def setup(cfg) -> Setup:
                                  gather_on_use=cfg.mesh.gather_on_use)
   vocab = spec.VocabSpec.from_config(cfg.vocab)
   model_cfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
-  tx = optim.build(cfg.optim, cfg.train.num_steps, model_cfg.group_multipliers())
+  t = cfg.train
+  plan = optim.plan(cfg.optim, num_steps=t.num_steps, batch_size=t.batch_size, seq_len=cfg.data.seq_len)
+  optim.check_critical_batch(plan, cfg.optim.on_exceeding_crit)
+  log.info(plan.describe())
+  tx = optim.build(cfg.optim, t.num_steps, model_cfg.group_multipliers(), batch_size=t.batch_size,
+                   seq_len=cfg.data.seq_len)
   return Setup(cfg, mesh_shape, sharder, vocab, model_cfg, transformer.Transformer(model_cfg, sharder), tx,
                corruption.DiffusionConfig.from_config(cfg.diffusion))
 
 
 def text_root(cfg):
-  return os.path.join(cfg.data.root, cfg.data.text_name)
+  return mixture.root(cfg, 'text')
 
 
 def check_data(cfg) -> dict:
-  """Fails before any compilation when the dataset is missing or does not match the config."""
-  root = text_root(cfg)
-  manifest = store.read_manifest(root)
-  tokenizer = manifest['tokenizers']['text']
-  if tokenizer['vocab_size'] != cfg.vocab.text_size:
-    raise config_lib.ConfigError(
-        f'vocab.text_size is {cfg.vocab.text_size} but the text tokenizer of {root} has '
-        f'{tokenizer["vocab_size"]} ids (set --config.vocab.text_size={tokenizer["vocab_size"]} or re-run prepare)')
-  return manifest
+  """Fails before any compilation when a dataset is missing or does not match the config."""
+  try:
+    return mixture.check(cfg)
+  except store.DataError as e:
+    raise config_lib.ConfigError(str(e)) from None
 
 
 def data_seed(cfg) -> int:
   return cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
 
 
-def train_iterator(s: Setup):
-  cfg = s.cfg
-  rows = pipeline.text_dataset(text_root(cfg), 'train', s.vocab, seq_len=s.seq_len, seed=data_seed(cfg),
-                               shard_index=jax.process_index(), shard_count=jax.process_count(),
-                               num_workers=cfg.data.num_workers)
-  local_rows = config_lib.rows_per_step(cfg) // jax.process_count()
-  return iter(pipeline.batched(rows, local_rows, cfg.data.prefetch))
+def _shards(cfg) -> checkpoint_lib.DataShards:
+  """The data shards this process reads (data.num_shards fixed: the same order on any process count)."""
+  total = config_lib.num_data_shards(cfg, jax.process_count())
+  owned = pipeline.owned_shards(total, jax.process_index(), jax.process_count())
+  return checkpoint_lib.DataShards(tuple(owned), total)
 
 
-def eval_batches(s: Setup) -> list:
-  """The first `train.eval_batches` batches of the validation split, as global arrays."""
+def train_iterator(s: Setup, shards: checkpoint_lib.DataShards):
+  """(iterator of process-local batches, the SkipCounter of its bad records)."""
+  skips = pipeline.SkipCounter(s.cfg.data.max_skip_fraction)
+  rows_per_shard = config_lib.rows_per_step(s.cfg) // shards.num_shards
+  iterators = {}
+  for shard in shards.indices:
+    rows = mixture.train_rows(s.cfg, s.vocab, seed=data_seed(s.cfg), shard_index=shard,
+                              shard_count=shards.num_shards, skips=skips)
+    iterators[shard] = iter(pipeline.batched(rows, rows_per_shard, s.cfg.data.prefetch))
+  return pipeline.ShardedBatches(iterators), skips
+
+
+def eval_batches(s: Setup, shards: checkpoint_lib.DataShards) -> dict:
+  """Per mixture component: the first `train.eval_batches` batches of its validation split."""
   cfg = s.cfg
-  if cfg.train.eval_batches == 0:
-    return []
-  rows = pipeline.text_dataset(text_root(cfg), 'val', s.vocab, seq_len=s.seq_len, seed=0,
-                               shard_index=jax.process_index(), shard_count=jax.process_count(), repeat=False)
-  local_rows = config_lib.rows_per_step(cfg) // jax.process_count()
-  out = []
-  for local in pipeline.batched(rows, local_rows, prefetch=0):
-    out.append(pipeline.to_global(local, s.sharder))
-    if len(out) == cfg.train.eval_batches:
-      break
+  rows_per_shard = config_lib.rows_per_step(cfg) // shards.num_shards
+  out = {}
+  for name in mixture.weights(cfg) if cfg.train.eval_batches else ():
+    iterators = {
+        shard: iter(pipeline.batched(mixture.component(cfg, name, s.vocab, 'val', seed=0, shard_index=shard,
+                                                       shard_count=shards.num_shards, repeat=False),
+                                     rows_per_shard, prefetch=0))
+        for shard in shards.indices}
+    batches = []
+    for local in pipeline.ShardedBatches(iterators):
+      batches.append(pipeline.to_global(local, s.sharder))
+      if len(batches) == cfg.train.eval_batches:
+        break
+    out[name] = batches
   return out
 
 
-def evaluate(eval_fn, params, batches, seed) -> dict:
-  total = None
-  for i, batch in enumerate(batches):
-    sums = eval_fn(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+def evaluate(eval_fn, params, components: dict, seed) -> dict:
+  """Validation ELBO of each component (eval/<component>/loss/<modality>) and of all together."""
+  out, total = {}, None
+  for name, batches in components.items():
+    sums = None
+    for i, batch in enumerate(batches):
+      part = jax.device_get(eval_fn(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+      sums = part if sums is None else jax.tree.map(np.add, sums, part)
+    if sums is None:
+      continue
     total = sums if total is None else jax.tree.map(np.add, total, sums)
-  if total is None:
-    return {}
-  return {f'eval/{k}': v for k, v in loss_lib.finalize(jax.device_get(total)).items()}
+    if len(components) > 1:
+      out.update({f'eval/{name}/{k}': v for k, v in loss_lib.finalize(sums).items()})
+  if total is not None:
+    out.update({f'eval/{k}': v for k, v in loss_lib.finalize(total).items()})
+  return out
 
 
-def _check_compatible(saved: dict, cfg, workdir):
+def _tokenizer_hashes(manifests: dict) -> dict:
+  return {name: {field: tok['sha256'] for field, tok in m['tokenizers'].items()} for name, m in manifests.items()}
+
+
+def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
+  """Config-level mismatches between a checkpoint and this run: one-line errors, nothing moved."""
+  saved_cfg = meta.get('config', {})
   for section in ('model', 'vocab'):
     now = cfg[section].to_dict()
-    for key, value in saved.get(section, {}).items():
+    for key, value in saved_cfg.get(section, {}).items():
       if now.get(key) != value:
         raise config_lib.ConfigError(
-            f'the checkpoint in {workdir} has {section}.{key}={value!r} but the config says {now.get(key)!r}; '
+            f'the checkpoint in {ckpt_dir} has {section}.{key}={value!r} but the config says {now.get(key)!r}; '
             'use a new --workdir or the same model')
+  hashes = _tokenizer_hashes(manifests)
+  for name, fields in meta.get('tokenizers', {}).items():
+    for field, digest in fields.items():
+      if name in hashes and hashes[name].get(field) != digest:
+        raise config_lib.ConfigError(
+            f'the {field} tokenizer of the {name} data ({mixture.root(cfg, name)}) is not the one the checkpoint in '
+            f'{ckpt_dir} was trained with (sha256 {digest[:12]}... vs {hashes[name].get(field, "none")[:12]}...)')
+  if meta.get('num_shards', shards.num_shards) != shards.num_shards:
+    raise config_lib.ConfigError(f'the checkpoint in {ckpt_dir} was written with {meta["num_shards"]} data shards, '
+                                 f'this run has {shards.num_shards}: set --config.data.num_shards={meta["num_shards"]}')
 
 
-def init_or_restore(s: Setup, ckpt: checkpoint_lib.Checkpointer, data_iter, workdir):
-  step = ckpt.latest_step()
-  if step is None:
-    return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
+def init_or_restore(s: Setup, ckpt, data_iter, manifests, shards, *, restore_data=True):
+  """(state, first step): the newest good checkpoint, or a fresh sharded init."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    try:
+      meta = ckpt.read_meta(latest)
+    except Exception:  # pylint: disable=broad-except  (unreadable meta: restore_latest_good handles it)
+      meta = {}
+    _check_resumable(meta, s.cfg, manifests, shards, ckpt.directory)
   target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
-  state, data_state, saved_cfg = ckpt.restore(step, target)
-  _check_compatible(saved_cfg, s.cfg, workdir)
-  data_iter.set_state(data_state)
-  log.info('resumed from step %d of %s', step, workdir)
+  found = ckpt.restore_latest_good(target, s.mesh_shape.as_tuple(), shards)
+  if found is None:
+    return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
+  state, data_state, _, _, step = found
+  if restore_data:
+    data_iter.set_state(data_state)
+  log.info('resumed from step %d in %s', step, ckpt.directory)
   return state, step
 
 
@@ -143,24 +191,43 @@ class _Window:
 
 
 def run(cfg, workdir: str) -> dict:
-  """Trains (or resumes) to cfg.train.num_steps; returns the last logged metrics."""
+  """Trains (or resumes) to cfg.train.num_steps; returns the last logged metrics. With
+  train.rollbacks > 0, a streak of non-finite steps restarts from the last checkpoint with a new
+  data seed instead of stopping."""
+  for attempt in range(cfg.train.rollbacks + 1):
+    try:
+      return _run(cfg, workdir, fresh_data=attempt > 0)
+    except resilience.NonFiniteError as e:
+      if attempt == cfg.train.rollbacks:
+        raise
+      cfg = cfg.copy_and_resolve_references()
+      cfg.data.seed = data_seed(cfg) + 7919 * (attempt + 1)
+      cfg.train.fault_nonfinite_steps = ()  # Injected faults model a transient problem of the first attempt.
+      log.error('%s: rolling back to the last checkpoint with data seed %d', e, cfg.data.seed)
+  raise AssertionError('unreachable')
+
+
+def _run(cfg, workdir: str, fresh_data: bool) -> dict:
   primary = jax.process_index() == 0
-  check_data(cfg)
+  manifests = check_data(cfg)
   s = setup(cfg)
   os.makedirs(workdir, exist_ok=True)
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(cfg.to_dict(), f, indent=2)
 
-  data_iter = train_iterator(s)
-  val = eval_batches(s)
-  ckpt = checkpoint_lib.Checkpointer(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  shards = _shards(cfg)
+  data_iter, skips = train_iterator(s, shards)
+  val = eval_batches(s, shards)
+  ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(workdir, 'checkpoints'),
                                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  state, start = init_or_restore(s, ckpt, data_iter, workdir)
+  state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
+  meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
+          'num_shards': shards.num_shards}
 
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   step_fn, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
-                                          cfg.train.microbatches)
+                                          cfg.train.microbatches, cfg.train.fault_nonfinite_steps)
   batch = pipeline.to_global(next(data_iter), s.sharder)
   t0 = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()
@@ -169,7 +236,6 @@ def run(cfg, workdir: str) -> dict:
   tokens_per_step = cfg.train.batch_size * s.seq_len
   flops_per_step = s.model_cfg.flops_per_token(s.seq_len) * tokens_per_step
   peak = perf.peak_tflops_per_device(cfg.train.peak_tflops)
-  schedule = optim.lr_schedule(cfg.optim, cfg.train.num_steps)
   log.info('mesh %s on %d devices | %.2fM params (%.2fM non-embedding) | %.3g FLOPs/step | compile %.1fs',
            s.mesh_shape.as_tuple(), jax.device_count(), s.model_cfg.num_params / 1e6,
            s.model_cfg.non_embedding_params / 1e6, flops_per_step, compile_s)
@@ -177,7 +243,9 @@ def run(cfg, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir, tensorboard=cfg.train.tensorboard, enabled=primary)
   bar = tqdm.tqdm(total=cfg.train.num_steps, initial=start, disable=not (primary and cfg.train.progress),
                   unit='step', dynamic_ncols=True)
-  window, pending, last = _Window(), None, {}
+  window, pending, previous, last = _Window(), None, None, {}
+  streak = resilience.NonFiniteStreak(cfg.train.max_nonfinite_streak)
+  failed_saves = 0
   clock = time.perf_counter()
 
   def flush(pending):
@@ -188,37 +256,78 @@ def run(cfg, workdir: str) -> dict:
     dt = (now - clock) / win.steps
     clock = now
     out = loss_lib.finalize(host)
-    out.update(grad_norm=float(host['grad_norm']) / win.steps, lr=float(schedule(step - 1)) * cfg.optim.lr,
-               step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-               mfu=perf.mfu(flops_per_step, dt, jax.device_count(), peak))
+    # Live values from the optimizer state (the newest step's): lr, b1, b2, eps, weight_decay, kappa.
+    out.update({k: float(v) for k, v in jax.device_get(optim.live_hyperparams(state.opt_state)).items()})
+    out.update(grad_norm=float(host['grad_norm']) / max(win.steps - float(host['nonfinite']), 1),
+               nonfinite=float(host['nonfinite']), step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+               mfu=perf.mfu(flops_per_step, dt, jax.device_count(), peak),
+               **{f'data/skipped/{k}': v for k, v in skips.counts.items()})
+    if failed_saves:
+      out['checkpoint/failed_saves'] = failed_saves
     writer.write(step, out)
     bar.set_postfix(loss=f'{out.get("loss", float("nan")):.3f}', refresh=False)
     return out
 
-  for step in range(start, cfg.train.num_steps):
-    if step > start:
-      batch = pipeline.to_global(next(data_iter), s.sharder)
-    data_state = data_iter.get_state()
-    state, metrics = step_fn(state, batch)
-    window.add(metrics)
-    if pending is not None:
-      last = flush(pending)
-      pending = None
-    done = step + 1
-    bar.update(1)
-    if done % cfg.train.log_every_steps == 0 or done == cfg.train.num_steps:
-      pending, window = (done, window), _Window()
-    if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.num_steps:
-      ckpt.save(done, state, data_state, cfg.to_dict())
-    if cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0 and done < cfg.train.num_steps:
-      writer.write(done, evaluate(eval_fn, state.params, val, cfg.seed + 1))
-  if pending is not None:
-    last = flush(pending)
-  if val:
-    final_eval = evaluate(eval_fn, state.params, val, cfg.seed + 1)
-    writer.write(cfg.train.num_steps, final_eval)
-    last.update(final_eval)
-  bar.close()
-  ckpt.close()
-  writer.close()
+  def save(step, data_state):
+    nonlocal failed_saves
+    if streak.active:  # Never checkpoint inside a non-finite streak: a rollback must land before it.
+      log.warning('step %d: checkpoint skipped during a non-finite streak', step)
+      return
+    try:
+      ckpt.save(step, state, data_state, shards.num_shards, cfg.to_dict(), meta)
+    except checkpoint_lib.CheckpointError as e:
+      if cfg.checkpoint.on_error == 'stop':
+        raise
+      failed_saves += 1
+      log.error('%s -- TRAINING CONTINUES WITHOUT THIS CHECKPOINT (checkpoint.on_error=warn)', e)
+
+  try:
+    with resilience.Preemption() as preemption:
+      for step in range(start, cfg.train.num_steps):
+        if step > start:
+          batch = pipeline.to_global(next(data_iter), s.sharder)
+        data_state = data_iter.get_state()
+        state, metrics = step_fn(state, batch)
+        window.add(metrics)
+        if previous is not None:  # One step late: the device is already busy with this step.
+          streak.update(previous['nonfinite'], step)
+        previous = metrics
+        if pending is not None:
+          last = flush(pending)
+          pending = None
+        done = step + 1
+        bar.update(1)
+        stopping = preemption.reached(done)
+        if done % cfg.train.log_every_steps == 0 or done == cfg.train.num_steps or stopping:
+          pending, window = (done, window), _Window()
+        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.num_steps or stopping:
+          streak.update(jax.device_get(metrics['nonfinite']), done)  # Know this step before saving it.
+          previous = None
+          save(done, data_state)
+        if stopping:
+          log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.signal,
+                      done)
+          break
+        if cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0 and done < cfg.train.num_steps:
+          writer.write(done, evaluate(eval_fn, state.params, val, cfg.seed + 1))
+        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:  # Generation metrics (evaluate.py).
+          from tmdm import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel  (it imports train)
+          writer.write(done, evaluate_lib.during_training(s, state.params, done))
+      if pending is not None:
+        last = flush(pending)
+      if val and not preemption.signal:
+        final_eval = evaluate(eval_fn, state.params, val, cfg.seed + 1)
+        writer.write(cfg.train.num_steps, final_eval)
+        last.update(final_eval)
+  finally:  # Whatever stops the loop, finish the background saves: the last good checkpoint counts.
+    bar.close()
+    writer.close()
+    try:
+      ckpt.close()
+    except checkpoint_lib.CheckpointError as e:
+      if cfg.checkpoint.on_error == 'stop' and sys.exc_info()[0] is None:
+        raise
+      log.error('%s', e)
+  if preemption.signal:
+    last['preempted'] = 1.0
   return last

@@ -71,13 +71,25 @@ def grads_and_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, micro
   return grads, sums
 
 
-def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder, microbatches):
+def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder, microbatches,
+               fault_steps=()):
+  """One optimizer step. A non-finite loss or gradient skips the update (parameters and optimizer
+  state stay as they were) and reports `nonfinite` = 1; `fault_steps` injects NaN gradients at
+  those steps (fault-injection tests)."""
   rng = jax.random.fold_in(state.rng, state.step)
   grads, sums = grads_and_sums(state.params, batch, rng, model=model, diff_cfg=diff_cfg, vocab=vocab,
                                sharder=sharder, microbatches=microbatches)
+  if fault_steps:
+    poisoned = jnp.isin(state.step, jnp.asarray(fault_steps, jnp.int32))
+    grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+  grad_norm = optax.tree_utils.tree_norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums['elbo_sum'])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(sums, grad_norm=optax.tree_utils.tree_norm(grads))
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+  metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), dict(sums, grad_norm=grad_norm))
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -87,12 +99,14 @@ def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder):
   return _sums(params, model, batch, c, loss_lib.allowed_table(vocab, sharder), sharder)
 
 
-def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, state_sh, microbatches: int):
+def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, state_sh, microbatches: int,
+              fault_steps=()):
   """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state."""
   common = dict(model=model, diff_cfg=diff_cfg, vocab=vocab_spec, sharder=sharder)
   batch_sh = {k: sharder.batch() for k in BATCH_KEYS}
   rep = sharder.replicated
-  step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, **common),
+  step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, fault_steps=tuple(fault_steps),
+                                   **common),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_sums, **common), in_shardings=(state_sh.params, batch_sh, rep),
                      out_shardings=rep)

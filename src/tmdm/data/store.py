@@ -20,6 +20,7 @@ import tensorstore as ts
 
 FORMAT = 'tmdm-tokens-v1'
 MANIFEST = 'manifest.json'
+SKIP = 'skip'  # Key of a record that could not be read: {SKIP: (reason, detail)}.
 
 
 class DataError(RuntimeError):
@@ -149,5 +150,9 @@ class ShardedRecords:
     out = {}
     for field, (values, offsets) in self._arrays[shard].items():
       lo, hi = int(offsets[local]), int(offsets[local + 1])
-      out[field] = np.asarray(values[lo:hi].read().result()) if hi > lo else np.zeros((0,), np.int32)
+      try:
+        out[field] = np.asarray(values[lo:hi].read().result()) if hi > lo else np.zeros((0,), np.int32)
+      except Exception as e:  # pylint: disable=broad-except  (a corrupt chunk: skip and count, name the file)
+        where = os.path.join(self.root, self.shards[shard]['path'], field)
+        return {SKIP: ('unreadable', f'{where}: {str(e).splitlines()[0][:200]}')}
     return out

@@ -127,11 +127,12 @@ PRESETS = {
     'test': dict(d_model=40, n_layers=3, n_heads=4, d_head=10, d_ff=28, base_width=40, base_depth=3),
     'tiny': dict(d_model=64, n_layers=2, n_heads=2, d_head=32, d_ff=176, base_width=64, base_depth=2),
     'demo': dict(d_model=192, n_layers=4, n_heads=3, d_head=64, d_ff=512, base_width=192, base_depth=4),
-    'cpu-small': dict(d_model=256, n_layers=4, n_heads=4, d_head=64, d_ff=704),
+    'cpu-small': dict(d_model=256, n_layers=4, n_heads=4, d_head=64, d_ff=704),  # also the yardstick's
     # Pilot of the paper's batch-size study: ~320M parameters, ~240M of them embeddings (with a
     # ~118k joint vocabulary), width / depth = 128 (DESIGN.md 2.1).
     'pilot-320m': dict(d_model=1024, n_layers=8, n_heads=8, d_head=128, d_ff=2048),
-    'bench-0.5b': dict(d_model=1024, n_layers=24, n_heads=8, d_head=128, d_ff=5632),
+    # The shapes of ../shared/bench/plain_step.py (the performance yardstick).
+    'bench-0.5b': dict(d_model=1024, n_layers=24, n_heads=16, d_head=64, d_ff=2816),
     'bench-1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),
     '1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),
     # The paper's largest model: ~3B parameters (shape ours; width / depth = 128).

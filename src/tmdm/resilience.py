@@ -1,0 +1,80 @@
+"""What keeps a long run alive or stops it cleanly: preemption signals, non-finite steps, and the
+errors that end a run with one clear line."""
+
+import logging
+import signal
+
+import jax
+
+log = logging.getLogger('tmdm')
+
+
+class RunError(RuntimeError):
+  """A run cannot go on; the message says why and what is on disk."""
+
+
+class NonFiniteError(RunError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Preemption:
+  """SIGTERM / SIGINT set a flag that the loop reads between steps (save, then exit cleanly). On
+  several processes JAX's preemption sync point makes them all stop at the same step."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals to the caller.
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+    self.signal = signal.Signals(signum).name
+    log.warning('%s received: saving a checkpoint at the end of this step, then stopping', self.signal)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal = self.signal or 'preemption notice'
+      except RuntimeError:  # The preemption service is not running (no TPU/SLURM notice).
+        pass
+    return self.signal is not None
+
+
+class NonFiniteStreak:
+  """Counts consecutive skipped (non-finite) steps, read one step late from the step metrics."""
+
+  def __init__(self, limit: int):
+    self.limit, self.count, self.total = limit, 0, 0
+
+  def update(self, nonfinite_flag, step: int):
+    if float(nonfinite_flag) > 0:
+      self.count += 1
+      self.total += 1
+      log.warning('step %d: non-finite loss or gradient, update skipped (%d in a row)', step, self.count)
+      if self.count >= self.limit:
+        raise NonFiniteError(f'{self.count} consecutive steps with a non-finite loss or gradient (last: step '
+                             f'{step}); parameters were not updated by them, and no checkpoint was written '
+                             'during the streak')
+    else:
+      self.count = 0
+
+  @property
+  def active(self) -> bool:
+    return self.count > 0

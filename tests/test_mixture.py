@@ -1,0 +1,132 @@
+"""Pair rows, the text/image/audio mixture and bad-record accounting, on synthetic token datasets."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tmdm import base_config
+from tmdm.data import mixture, pipeline, store
+from tmdm.modalities import spec
+
+VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+TOK = {'text': {'name': 'fake-spm', 'vocab_size': 37, 'sha256': 'abc'}}
+
+
+def _write(root, kind, n, seed, bad=()):
+  """n records; indices in `bad` get an out-of-range or empty field."""
+  rng = np.random.default_rng(seed)
+  fields = ['text'] if kind == 'text' else ['text', kind]
+  sizes = {'text': 37, 'image': 11, 'audio': 13}
+  records = []
+  for i in range(n):
+    rec = {'text': rng.integers(0, 37, rng.integers(3, 9))}
+    if kind != 'text':
+      rec[kind] = rng.integers(0, sizes[kind], 6 if kind == 'image' else 8)
+    if i in bad:
+      rec[fields[-1]] = np.array([], np.int32) if i % 2 else np.array([999])
+    records.append(rec)
+  splits = {split: [store.write_shard(os.path.join(root, split, '00000'), records[lo:hi], fields)]
+            for split, (lo, hi) in {'train': (0, n - 10), 'val': (n - 10, n)}.items()}
+  toks = dict(TOK)
+  if kind != 'text':
+    toks[kind] = {'name': 'fake-fsq', 'codebook_size': sizes[kind], 'tokens_per_item': 6, 'sha256': 'def'}
+  store.write_manifest(root, modality=kind, fields=fields, tokenizers=toks, splits=splits, source={})
+
+
+@pytest.fixture(scope='module')
+def cfg(tmp_path_factory):
+  root = tmp_path_factory.mktemp('mix')
+  c = base_config.get_config()
+  c.data.update(root=str(root), seq_len=24, mix_text=0.5, mix_image=0.3, mix_audio=0.2, p_text_first=0.5)
+  c.vocab.update(text_size=37, image_size=11, audio_size=13, multiple=8)
+  for kind, name in (('text', c.data.text_name), ('image', c.image.name), ('audio', c.audio.name)):
+    _write(os.path.join(str(root), name), kind, 300, seed=len(kind))
+  return c
+
+
+def _component_of(row_tokens):
+  first = row_tokens[0]
+  if first in (VOCAB.id('[T2I]'), VOCAB.id('[I2T]')):
+    return 'image'
+  if first in (VOCAB.id('[T2S]'), VOCAB.id('[S2T]')):
+    return 'audio'
+  return 'text'
+
+
+def test_pair_row_layout():
+  make = pipeline.PairToRow(VOCAB, 'image', 24, p_text_first=0.5)
+  record = {'text': np.array([1, 2, 3]), 'image': np.array([0, 5, 10, 4, 4, 4])}
+  seen = set()
+  for seed in range(20):
+    row = make(record, np.random.default_rng(seed))
+    t2i = row['tokens'][0] == VOCAB.id('[T2I]')
+    seen.add(bool(t2i))
+    text = [VOCAB.id('<txt>'), *(np.array([1, 2, 3]) + VOCAB.text_start), VOCAB.id('</txt>')]
+    image = [VOCAB.id('<img>'), *(np.array([0, 5, 10, 4, 4, 4]) + VOCAB.image_start), VOCAB.id('</img>')]
+    body = text + image if t2i else image + text
+    np.testing.assert_array_equal(row['tokens'][1:1 + len(body)], body)
+    n = 1 + len(body)
+    assert (row['tokens'][n:] == VOCAB.pad_id).all() and (row['role'][n:] == spec.FIXED).all()
+    assert (row['segment_ids'][:n] == 1).all() and (row['segment_ids'][n:] == 0).all()
+    text_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == spec.TEXT)
+    image_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == spec.IMAGE)
+    assert (row['role'][text_pos] == (spec.CONDITION if t2i else spec.TARGET)).all()
+    assert (row['role'][image_pos] == (spec.TARGET if t2i else spec.CONDITION)).all()
+    assert (row['modality'][image_pos] == spec.IMAGE).all() and (row['modality'][text_pos] == spec.TEXT).all()
+    layout = np.isin(row['tokens'], [VOCAB.id(t) for t in spec.SPECIALS])
+    assert (row['role'][layout] == spec.FIXED).all()  # layout tokens and [PAD] never in the loss
+  assert seen == {True, False}
+
+
+def test_mixture_proportions_and_resume(cfg):
+  it = iter(pipeline.batched(mixture.train_rows(cfg, VOCAB, seed=0, shard_index=0, shard_count=1), 10, 0))
+  counts = {'text': 0, 'image': 0, 'audio': 0}
+  for _ in range(30):
+    for row in next(it)['tokens']:
+      counts[_component_of(row)] += 1
+  total = sum(counts.values())
+  for name, w in (('text', 0.5), ('image', 0.3), ('audio', 0.2)):
+    assert abs(counts[name] / total - w) < 0.02, counts
+  state = it.get_state()
+  expected = [next(it)['tokens'] for _ in range(3)]
+  again = iter(pipeline.batched(mixture.train_rows(cfg, VOCAB, seed=0, shard_index=0, shard_count=1), 10, 0))
+  again.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(again)['tokens'], want)
+
+
+def test_processes_read_disjoint_records(cfg):
+  def texts(index):
+    ds = mixture.component(cfg, 'image', VOCAB, 'train', seed=0, shard_index=index, shard_count=2, repeat=False)
+    return {tuple(r['tokens'][r['modality'] == spec.TEXT]) for r in ds}
+  a, b = texts(0), texts(1)
+  assert a and b and not a & b
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+  root = str(tmp_path / 'pairs')
+  _write(root, 'image', 300, seed=1, bad={3, 4, 50})
+  skips = pipeline.SkipCounter(max_fraction=0.05)
+  rows = list(pipeline.pair_dataset(root, 'train', VOCAB, kind='image', seq_len=24, seed=0, p_text_first=0.5,
+                                    repeat=False, skips=skips))
+  assert len(rows) == 290 - 3
+  assert skips.counts == {'empty': 1, 'out_of_range': 2} and skips.seen == 290
+  strict = pipeline.SkipCounter(max_fraction=0.001, min_records=10)
+  with pytest.raises(store.DataError, match='records were bad'):
+    list(pipeline.pair_dataset(root, 'train', VOCAB, kind='image', seq_len=24, seed=0, p_text_first=0.5,
+                               repeat=False, skips=strict))
+
+
+def test_codes_that_do_not_fit_a_row_are_skipped():
+  make = pipeline.PairToRow(VOCAB, 'audio', 12, p_text_first=1.0)
+  out = make({'text': np.array([1]), 'audio': np.zeros(8, np.int64)}, np.random.default_rng(0))
+  assert out[pipeline.SKIP][0] == 'too_long'
+
+
+def test_check_rejects_mismatched_vocab(cfg):
+  mixture.check(cfg)
+  bad = cfg.copy_and_resolve_references()
+  bad.vocab.image_size = 12
+  with pytest.raises(store.DataError, match='vocab.image_size is 12 but the image tokenizer'):
+    mixture.check(bad)
