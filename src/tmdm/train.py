@@ -183,9 +183,11 @@ class _Window:
   """Sums of one logging interval, kept on device until fetched."""
 
   def __init__(self):
-    self.sums, self.steps = None, 0
+    self.sums, self.hparams, self.steps = None, None, 0
 
   def add(self, metrics):
+    metrics = dict(metrics)
+    self.hparams = metrics.pop('hparams')  # Not summed: the newest step's values are logged.
     self.sums = metrics if self.sums is None else jax.tree.map(lambda a, b: a + b, self.sums, metrics)
     self.steps += 1
 
@@ -251,13 +253,12 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
   def flush(pending):
     nonlocal clock
     step, win = pending
-    host = jax.device_get(win.sums)
+    host, hparams = jax.device_get((win.sums, win.hparams))
     now = time.perf_counter()
     dt = (now - clock) / win.steps
     clock = now
     out = loss_lib.finalize(host)
-    # Live values from the optimizer state (the newest step's): lr, b1, b2, eps, weight_decay, kappa.
-    out.update({k: float(v) for k, v in jax.device_get(optim.live_hyperparams(state.opt_state)).items()})
+    out.update({k: float(v) for k, v in hparams.items()})  # lr, b1, b2, eps, weight_decay, kappa
     out.update(grad_norm=float(host['grad_norm']) / max(win.steps - float(host['nonfinite']), 1),
                nonfinite=float(host['nonfinite']), step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                mfu=perf.mfu(flops_per_step, dt, jax.device_count(), peak),

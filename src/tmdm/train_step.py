@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tmdm import sharding as sharding_lib
+from tmdm import optim, sharding as sharding_lib
 from tmdm.diffusion import corruption, loss as loss_lib
 from tmdm.train_state import TrainState
 
@@ -90,6 +90,7 @@ def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder,
   params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
   metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), dict(sums, grad_norm=grad_norm))
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+  metrics['hparams'] = optim.live_hyperparams(opt_state)  # lr, b1, b2, eps, ... this update used
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
