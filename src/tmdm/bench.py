@@ -40,6 +40,9 @@ def bench_config(preset: str, *, batch=0, remat='', microbatches=1, overrides=()
   c.vocab.text_size = vocab - spec.VocabSpec(1, 1000, 1000).num_special - 2000
   c.data.seq_len = seq
   c.train.update(batch_size=batch or default_batch, microbatches=microbatches, num_steps=1000)
+  # On CPU an unrolled 4-layer stack ran 15% faster than nn.scan (BUILD_NOTES, issue 8); accelerators
+  # keep the scan (one compiled block).
+  c.model.scan_layers = jax.default_backend() != 'cpu'
   if remat:
     c.model.remat = remat
   config_lib.apply_overrides(c, overrides)
@@ -106,3 +109,95 @@ def yardstick(path, preset) -> dict:
   out = subprocess.run([sys.executable, path, '--preset', preset], capture_output=True, text=True, check=True)
   lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
   return dict(json.loads(lines[-1]), impl='yardstick')
+
+
+def pipeline_throughput(cfg, batches=50) -> list:
+  """Rows and tokens per second of the Grain pipeline alone, per mixture component and mixed,
+  in one process (main thread plus Grain's prefetch thread; data.num_workers adds processes)."""
+  from tmdm.data import mixture, pipeline  # pylint: disable=import-outside-toplevel
+  vocab = spec.VocabSpec.from_config(cfg.vocab)
+  rows = cfg.train.batch_size
+  sources = {name: mixture.component(cfg, name, vocab, 'train', seed=0, shard_index=0, shard_count=1,
+                                     repeat=True, num_workers=cfg.data.num_workers)
+             for name in mixture.weights(cfg)}
+  if len(sources) > 1:
+    sources['mixture'] = mixture.train_rows(cfg, vocab, seed=0, shard_index=0, shard_count=1)
+  out = []
+  for name, ds in sources.items():
+    it = iter(pipeline.batched(ds, rows, cfg.data.prefetch))
+    next(it)  # start-up (worker processes, first reads) is not throughput
+    t0 = time.perf_counter()
+    real = 0
+    for _ in range(batches):
+      real += int((next(it)['segment_ids'] > 0).sum())
+    dt = time.perf_counter() - t0
+    out.append({'bench': 'pipeline', 'source': name, 'workers': cfg.data.num_workers,
+                'rows_s': round(batches * rows / dt, 1), 'tok_s': round(batches * rows * cfg.data.seq_len / dt),
+                'non_pad_tok_s': round(real / dt)})
+  return out
+
+
+def input_overhead(cfg, steps=30) -> dict:
+  """Training tokens/s with the real pipeline against the same compiled step fed one in-memory batch."""
+  from tmdm.data import pipeline  # pylint: disable=import-outside-toplevel
+  s = train.setup(cfg)
+  shards = train._shards(cfg)  # pylint: disable=protected-access
+  data_iter, _ = train.train_iterator(s, shards)
+  state = train_state.create(s.model, s.tx, s.sharder, s.seq_len, seed=0)
+  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
+  step_fn, _ = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
+                                    cfg.train.microbatches)
+  fixed = pipeline.to_global(next(data_iter), s.sharder)
+  step_fn = step_fn.lower(state, fixed).compile()
+
+  def timed(feed):
+    nonlocal state
+    for _ in range(3):  # warm-up
+      state, m = step_fn(state, feed())
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step_fn(state, feed())  # the next batch is prepared while this step runs
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t0) / steps
+
+  in_memory = timed(lambda: fixed)
+  real = timed(lambda: pipeline.to_global(next(data_iter), s.sharder))
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  return {'bench': 'input', 'in_memory_tok_s': round(tokens / in_memory), 'pipeline_tok_s': round(tokens / real),
+          'pipeline_over_in_memory': round(in_memory / real, 4), 'steps': steps}
+
+
+def checkpoint_cost(cfg, saves=5, workdir=None) -> dict:
+  """Time the loop is blocked per async save (against the step time), and the restore time."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from tmdm import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  s = train.setup(cfg)
+  state = train_state.create(s.model, s.tx, s.sharder, s.seq_len, seed=0)
+  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
+  step_fn, _ = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
+                                    cfg.train.microbatches)
+  batch = {k: jax.device_put(v, s.sharder.batch()) for k, v in
+           synthetic_batch(s, cfg.train.batch_size, 1).items()}
+  step_fn = step_fn.lower(state, batch).compile()
+  folder = workdir or tempfile.mkdtemp(prefix='tmdm-bench-ckpt-')
+  ckpt = checkpoint_lib.Checkpointer(folder, keep=2, async_save=cfg.checkpoint.async_save)
+  blocked, step_times = [], []
+  for i in range(saves):
+    t0 = time.perf_counter()
+    state, m = step_fn(state, batch)
+    jax.block_until_ready(m)
+    step_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ckpt.save(i + 1, state, {}, 1, {}, {'mesh': s.mesh_shape.as_tuple()})
+    blocked.append(time.perf_counter() - t0)
+  ckpt.wait()
+  target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
+  t0 = time.perf_counter()
+  ckpt.restore_state(target)
+  restore_s = time.perf_counter() - t0
+  ckpt.close()
+  return {'bench': 'checkpoint', 'async': cfg.checkpoint.async_save,
+          'blocked_ms_median': round(statistics.median(blocked) * 1e3, 1),
+          'blocked_ms_max': round(max(blocked) * 1e3, 1), 'step_ms_median': round(statistics.median(step_times) * 1e3, 1),
+          'restore_s': round(restore_s, 2), 'state_mb': round(sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20, 1)}
