@@ -100,6 +100,17 @@ def sample(args, overrides):
 
 def bench_cmd(args, overrides):
   from tmdm import bench  # pylint: disable=import-outside-toplevel
+  if args.what != 'step':
+    if not args.config:
+      raise config_lib.ConfigError(f'tmdm bench {args.what} needs --config (e.g. experiments/demo.py)')
+    cfg = config_lib.load(args.config, overrides, num_devices=jax.device_count())
+    train.check_data(cfg)
+    results = {'pipeline': lambda: bench.pipeline_throughput(cfg),
+               'input': lambda: [bench.input_overhead(cfg, steps=max(args.steps, 30))],
+               'checkpoint': lambda: [bench.checkpoint_cost(cfg)]}[args.what]()
+    for r in results:
+      print(json.dumps(r))
+    return 0
   result = bench.step(args.preset, steps=args.steps, segments=args.segments, batch=args.batch, remat=args.remat,
                       microbatches=args.microbatches, overrides=overrides)
   print(json.dumps(result))
@@ -111,7 +122,10 @@ def bench_cmd(args, overrides):
 
 
 def _bench_args(p):
-  p.add_argument('what', choices=['step'], help='step: one training step of the real trainer')
+  p.add_argument('what', choices=['step', 'pipeline', 'input', 'checkpoint'],
+                 help='step: the train step at the yardstick shapes; pipeline: Grain alone; input: training with the '
+                      'real pipeline vs one in-memory batch; checkpoint: loop blocking per async save, restore time')
+  p.add_argument('--config', default='', help='pipeline / input / checkpoint: experiments/FILE.py[:preset]')
   p.add_argument('--preset', default='cpu-small', help='cpu-small, bench-0.5b or bench-1b (the yardstick shapes)')
   p.add_argument('--batch', type=int, default=0, help='rows per step (default: the yardstick batch, 8)')
   p.add_argument('--remat', default='', help="'none', 'dots' or 'full' (default: the config's)")

@@ -1,0 +1,118 @@
+"""Task canvases in the training layouts, the evaluation measures, the gallery, one text generation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tmdm import config_lib, eval_metrics as em, gallery, generate, tasks, train, train_state
+from tmdm.data import pipeline
+from tmdm.modalities import spec
+from helpers import REPO
+
+VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+
+
+class _WordTokenizer:
+  """Stand-in for SentencePiece: one id per word (its length)."""
+
+  def encode(self, texts):
+    return [np.asarray([len(w) for w in t.split()], np.int32) for t in texts]
+
+
+def test_t2i_canvas_is_the_training_row_with_the_target_masked():
+  caption = np.array([3, 5, 7])
+  canvas = tasks.pair_canvas(VOCAB, tasks.TASKS['t2i'], 29, texts=[caption], tokens_per_item=6)
+  row = pipeline.PairToRow(VOCAB, 'image', 29, p_text_first=1.0)({'text': caption, 'image': np.zeros(6)},
+                                                                  np.random.default_rng(0))
+  target, cond = row['role'] == spec.TARGET, row['role'] == spec.CONDITION
+  np.testing.assert_array_equal(canvas['tokens'][0], np.where(target, VOCAB.mask_id, row['tokens']))
+  np.testing.assert_array_equal(canvas['cond'][0], cond)
+  assert canvas['tokens'][0, 0] == VOCAB.id('[T2I]') and target.sum() == 6 and cond.sum() == 3
+  for k in ('segment_ids', 'positions', 'modality'):
+    np.testing.assert_array_equal(canvas[k][0], row[k])
+  assert (canvas['modality'][0][target] == spec.IMAGE).all() and canvas['tokens'][0, -1] == VOCAB.pad_id
+
+
+def test_s2t_canvas_has_a_caption_slot_of_the_given_length_then_padding():
+  codes = np.arange(7)[None] % VOCAB.audio_size
+  canvas = tasks.pair_canvas(VOCAB, tasks.TASKS['s2t'], 23, codes=codes, caption_lens=[4])
+  toks = canvas['tokens'][0]
+  audio_lo = VOCAB.range(spec.AUDIO)[0]
+  expected = ([VOCAB.id('[S2T]'), VOCAB.id('<aud>')] + list(codes[0] + audio_lo) +
+              [VOCAB.id('</aud>'), VOCAB.id('<txt>')]
+              + [VOCAB.mask_id] * 4 + [VOCAB.id('</txt>')])
+  np.testing.assert_array_equal(toks[:len(expected)], expected)
+  assert (toks[len(expected):] == VOCAB.pad_id).all() and (canvas['segment_ids'][0, len(expected):] == 0).all()
+  np.testing.assert_array_equal(np.nonzero(canvas['cond'][0])[0], np.arange(2, 9))  # the audio codes
+
+
+def test_text_canvas_prompted_and_infilling():
+  tok = _WordTokenizer()
+  c = tasks.text_canvas(VOCAB, tok, ['ab cde', 'x [MASK] yy [MASK]'], length=11, infill_len=2)
+  lo = VOCAB.text_start
+  np.testing.assert_array_equal(c['tokens'][0], [VOCAB.id('<txt>'), lo + 2, lo + 3] + [VOCAB.mask_id] * 7 +
+                                [VOCAB.id('</txt>')])
+  np.testing.assert_array_equal(c['tokens'][1, :9], [VOCAB.id('<txt>'), lo + 1, VOCAB.mask_id, VOCAB.mask_id, lo + 2,
+                                                     VOCAB.mask_id, VOCAB.mask_id, VOCAB.id('</txt>'), VOCAB.pad_id])
+  assert (c['segment_ids'][1, 8:] == 0).all() and not c['cond'].any()
+  with pytest.raises(ValueError):
+    tasks.text_canvas(VOCAB, tok, ['a b c d e f g h i j'], length=11, infill_len=2)
+
+
+def test_dtw_frechet_wer_and_digit_words():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(30, 5))
+  assert em.dtw_distance(a, a) == 0.0
+  stretched = np.repeat(a, 2, axis=0)  # the same speech, twice as slow: DTW aligns it perfectly
+  assert em.dtw_distance(a, stretched) == 0.0
+  assert em.dtw_distance(a, a + 1.0) == pytest.approx(1.0)
+  x = rng.normal(size=(400, 3))
+  assert abs(em.frechet(x, x)) < 1e-6
+  assert em.frechet(x, x + 2.0) == pytest.approx(12.0, rel=1e-6)
+  assert em.word_errors('the cat sat', 'the cat sat down') == (1, 4)
+  assert em.word_errors('a b', 'c d') == (2, 2)
+  assert em.digit_in('a handwritten digit seven') == 7 and em.digit_in('the number 3 by hand') == 3
+  assert em.digit_in('an icon of folder') == -1
+  assert em.token_accuracy([1, 2, 3], [1, 0, 3, 4]) == 0.5
+  quiet = np.full((50, 4), -10.0)
+  quiet[10:20] = 0.0
+  assert len(em.trim_silence(quiet)) == 10
+
+
+def test_gallery_writes_images_audio_and_text(tmp_path):
+  samples = [generate.Sample('t2i', 'a digit <one>', np.full((8, 8, 3), 0.5)),
+             generate.Sample('t2s', 'hello', np.zeros(160, np.float32)),
+             generate.Sample('i2t', 'held-out image 0', 'a digit two', condition=np.ones((8, 8, 3)), reference='two')]
+  page = gallery.write(str(tmp_path), samples, title='test', audio_rate=16000, settings={'steps': 4})
+  html = open(page, encoding='utf-8').read()
+  assert '<img src="000.png"' in html and '<audio controls src="001.wav"' in html and 'a digit &lt;one&gt;' in html
+  assert {'000.png', '001.wav', '002.txt', '002_input.png', 'samples.txt'} <= set(os.listdir(tmp_path))
+
+
+def test_text_generation_end_to_end_on_the_8_device_mesh(text_data, tmp_path):
+  cfg = config_lib.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
+  cfg.data.root = text_data
+  cfg.model.update(d_model=16, n_layers=1, n_heads=2, d_head=8, d_ff=24, base_width=16, base_depth=1)
+  cfg.sample.update(sampler='confidence', steps=4, text_len=17, infill_len=3, batch=8)
+  s = train.setup(cfg)
+  ctx = generate.Context.for_training(s, train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params, 0)
+  samples, info = generate.generate(ctx, 'text', prompts=['The [MASK] is', ''], n=3, seed=0)
+  assert len(samples) == 6 and all(isinstance(x.output, str) and x.output for x in samples)
+  assert samples[0].output.startswith('The') and 1 <= info['forward_passes'] <= 4
+
+
+def test_sweep_parses_rules_and_records_the_chosen_defaults(tmp_path):
+  from tmdm import base_config, sample_sweep  # pylint: disable=import-outside-toplevel
+  section = base_config.get_config().sample.t2i
+  assert sample_sweep.parse_rule('confidence:linear', section) == ('confidence', {'schedule': 'linear'})
+  assert sample_sweep.parse_rule('threshold:0.7', section) == ('threshold', {'threshold': 0.7})
+  with pytest.raises(config_lib.ConfigError):
+    sample_sweep.parse_rule('beam', section)
+  chosen = {'sampler': 'confidence', 'schedule': 'linear', 'threshold': 0.9, 'steps': 16, 'temperature': 0.7,
+            'guidance': 2.0, 'metric': 0.5}
+  path = sample_sweep.record('t2i', chosen, 't2i/digit_acc', 'tmdm sample-sweep ...', path=str(tmp_path / 'd.json'))
+  with open(path, encoding='utf-8') as f:
+    data = json.load(f)
+  assert data['tasks']['t2i']['chosen']['steps'] == 16 and data['tasks']['t2i']['command'].startswith('tmdm')
