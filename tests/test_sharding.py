@@ -19,8 +19,8 @@ from helpers import random_batch, tiny_config
 MESHES = [(1, 8, 1), (2, 2, 2), (2, 1, 4), (8, 1, 1)]
 
 
-def _grads(mesh_shape, microbatches=1, complementary=False):
-  cfg = tiny_config()
+def _grads(mesh_shape, microbatches=1, complementary=False, loss_chunk=0):
+  cfg = tiny_config(loss_chunk=loss_chunk)
   cfg.diffusion.complementary = complementary
   vocab = spec.VocabSpec.from_config(cfg.vocab)
   sharder = sharding.Sharder(sharding.make_mesh(mesh_shape))
@@ -58,6 +58,12 @@ def _assert_match(got, ref):
 @pytest.mark.parametrize('mesh_shape', MESHES)
 def test_sharded_grads_match_one_device(mesh_shape):
   _assert_match(_grads(mesh_shape), _reference())
+
+
+@pytest.mark.parametrize('mesh_shape,chunk', [((1, 1, 1), 13), ((2, 2, 2), 5)])
+def test_chunked_cross_entropy_matches_whole_rows(mesh_shape, chunk):
+  """model.loss_chunk: the same loss and gradients, whether or not the chunk divides the row (13)."""
+  _assert_match(_grads(mesh_shape, loss_chunk=chunk), _reference())
 
 
 def test_microbatches_match_full_batch():

@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # Rematerialization per block: 'none', 'dots' (save matmul outputs), 'full'.
   c.model.scan_layers = True  # Stack blocks with nn.scan (one compiled block, faster compiles).
   c.model.time_conditioning = False  # Feed t to the network (off: it infers the noise level).
+  c.model.loss_chunk = 0  # Cross-entropy over chunks of this many positions, logits recomputed in the backward (0: whole rows).
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule_text = 'linear'  # Noise schedule of text positions (see diffusion/schedules.py).

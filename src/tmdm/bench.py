@@ -180,6 +180,7 @@ def checkpoint_cost(cfg, saves=5, workdir=None) -> dict:
   batch = {k: jax.device_put(v, s.sharder.batch()) for k, v in
            synthetic_batch(s, cfg.train.batch_size, 1).items()}
   step_fn = step_fn.lower(state, batch).compile()
+  jax.block_until_ready(checkpoint_lib.fingerprint(state))  # As the loop does: compiled before the first save.
   folder = workdir or tempfile.mkdtemp(prefix='tmdm-bench-ckpt-')
   ckpt = checkpoint_lib.Checkpointer(folder, keep=2, async_save=cfg.checkpoint.async_save)
   blocked, step_times = [], []

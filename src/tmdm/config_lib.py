@@ -181,6 +181,7 @@ def validate(cfg, num_devices=None, process_count=1):
     _need(m[k] > 0, f'model.{k} must be positive, got {m[k]}')
   _need(m.d_head % 2 == 0, f'model.d_head must be even for rotary embeddings, got {m.d_head}')
   _need(m.compute_dtype in ('bfloat16', 'float32', 'float16'), f'bad model.compute_dtype {m.compute_dtype!r}')
+  _need(m.loss_chunk >= 0, f'model.loss_chunk must be >= 0 (0: whole rows), got {m.loss_chunk}')
   for mod in ('text', 'image', 'audio'):
     name = d[f'schedule_{mod}']
     _need(name in schedules.SCHEDULES,

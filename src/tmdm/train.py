@@ -233,6 +233,7 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
   batch = pipeline.to_global(next(data_iter), s.sharder)
   t0 = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()
+  jax.block_until_ready(checkpoint_lib.fingerprint(state))  # Compiled now, not inside the first save.
   compile_s = time.perf_counter() - t0
 
   tokens_per_step = cfg.train.batch_size * s.seq_len

@@ -14,6 +14,7 @@ import optax
 
 from tmdm import optim, sharding as sharding_lib
 from tmdm.diffusion import corruption, loss as loss_lib
+from tmdm.model import transformer
 from tmdm.train_state import TrainState
 
 BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'role', 'modality')
@@ -27,8 +28,15 @@ def _corrupt_batch(rng, batch, diff_cfg, mask_id):
 
 
 def _sums(params, model, batch, c, allowed_MV, sharder):
-  logits_BLV = model.apply({'params': params}, c['x_t_BL'], batch['segment_ids'], batch['positions'], c['t_B'])
-  nll_BL = loss_lib.vocab_parallel_nll(logits_BLV, batch['tokens'], batch['modality'], allowed_MV, sharder)
+  args = (c['x_t_BL'], batch['segment_ids'], batch['positions'], c['t_B'])
+  if model.cfg.loss_chunk:  # Memory-lean: logits of `loss_chunk` positions at a time.
+    x_BLD, w_DV = model.apply({'params': params}, *args, return_hidden=True)
+    unembed_fn = functools.partial(transformer.unembed, model.cfg, sharder, w_DV=w_DV)
+    nll_BL = loss_lib.chunked_nll(unembed_fn, x_BLD, batch['tokens'], batch['modality'], allowed_MV, sharder,
+                                  model.cfg.loss_chunk)
+  else:
+    logits_BLV = model.apply({'params': params}, *args)
+    nll_BL = loss_lib.vocab_parallel_nll(logits_BLV, batch['tokens'], batch['modality'], allowed_MV, sharder)
   return loss_lib.elbo_sums(nll_BL, c['masked_BL'], c['weight_BL'], c['supervised_BL'], batch['modality'])
 
 

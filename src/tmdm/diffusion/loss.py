@@ -54,6 +54,30 @@ def vocab_parallel_nll(logits_BLV, targets_BL, modality_BL, allowed_MV, sharder:
       out_specs=P(batch, None))(logits_BLV, targets_BL, modality_BL, allowed_MV)
 
 
+def chunked_nll(unembed_fn, x_BLD, targets_BL, modality_BL, allowed_MV, sharder: sharding_lib.Sharder, chunk: int):
+  """vocab_parallel_nll(unembed_fn(x_BLD), ...) computed `chunk` positions at a time, each chunk's
+  logits recomputed in the backward pass (jax.checkpoint): peak logits memory is B x chunk x V
+  instead of B x L x V, at the price of one more unembedding matmul. L need not divide by chunk."""
+  B, L, D = x_BLD.shape
+  n = -(-L // chunk)
+  pad = n * chunk - L
+
+  def chunks(a, axes):  # [B, L, ...] -> [n, B, chunk, ...], padded at the end of L with zeros
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    a = jnp.moveaxis(a.reshape((B, n, chunk) + a.shape[2:]), 1, 0)
+    return sharder.constrain(a, (None,) + axes)
+
+  @jax.checkpoint
+  def one(args):
+    x_BCD, t_BC, m_BC = args
+    return vocab_parallel_nll(unembed_fn(x_BCD), t_BC, m_BC, allowed_MV, sharder)
+
+  nll_NBC = jax.lax.map(one, (chunks(x_BLD, ('batch', 'length', 'act_embed')), chunks(targets_BL, ('batch', 'length')),
+                              chunks(modality_BL, ('batch', 'length'))))
+  nll_BL = jnp.moveaxis(nll_NBC, 0, 1).reshape(B, n * chunk)[:, :L]
+  return sharder.constrain(nll_BL, ('batch', 'length'))
+
+
 def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL) -> dict:
   """Weighted NLL sums and supervised counts, in total and per modality (float32 scalars)."""
   term_BL = jnp.where(masked_BL, weight_BL * nll_BL, 0.0)

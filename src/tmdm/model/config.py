@@ -42,6 +42,7 @@ class ModelConfig:
   remat: str = 'none'
   scan_layers: bool = True
   time_conditioning: bool = False
+  loss_chunk: int = 0
 
   @classmethod
   def from_config(cls, m, vocab_size: int) -> 'ModelConfig':

@@ -40,7 +40,9 @@ class Transformer(nn.Module):
   sharder: sharding_lib.Sharder
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, t_B=None):
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, t_B=None, return_hidden=False):
+    """Logits [B, L, V] float32; with return_hidden, (final hidden states [B, L, D], unembedding
+    [D, V] gathered, both in the compute dtype) for `chunked_nll`."""
     c, s = self.cfg, self.sharder
     act = ('batch', 'length', 'act_embed')
     table_VD = layers.weight(self, 'embed', (c.vocab_size, c.d_model), ('vocab', 'embed'), c.init_std, s)
@@ -57,12 +59,9 @@ class Transformer(nn.Module):
         x_BLD = _block_cls(c)(c, s, name=f'block_{i}')(x_BLD, segment_ids_BL, positions_BL)
     x_BLD = layers.RMSNorm(c, s, name='final_norm')(x_BLD)
     w_DV = layers.weight(self, 'unembed', (c.d_model, c.vocab_size), ('embed', 'vocab'), c.init_std, s)
-    # Logits leave the matmul in the compute dtype and are upcast for the softmax: asking the matmul
-    # for float32 output ran 15% slower per step on CPU (BUILD_NOTES, issue 8).
-    logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, w_DV).astype(jnp.float32)
-    if c.output_mult != 1.0:
-      logits_BLV = logits_BLV * c.output_mult
-    return s.constrain(logits_BLV, ('batch', 'length', 'vocab'))
+    if return_hidden:
+      return x_BLD, w_DV
+    return unembed(c, s, x_BLD, w_DV)
 
   def _time_embedding(self, t_B):
     c = self.cfg
@@ -71,6 +70,15 @@ class Transformer(nn.Module):
     w = layers.weight(self, 'time_proj', (feats_BF.shape[-1], c.d_model), (None, 'embed'), c.hidden_std,
                       self.sharder)
     return feats_BF.astype(c.dtype) @ w
+
+
+def unembed(c: ModelConfig, s: sharding_lib.Sharder, x_BLD, w_DV):
+  """Float32 logits. They leave the matmul in the compute dtype and are upcast for the softmax:
+  asking the matmul for float32 output ran 15% slower per step on CPU (BUILD_NOTES, issue 8)."""
+  logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, w_DV).astype(jnp.float32)
+  if c.output_mult != 1.0:
+    logits_BLV = logits_BLV * c.output_mult
+  return s.constrain(logits_BLV, ('batch', 'length', 'vocab'))
 
 
 def vocab_parallel_lookup(table_VD, tokens_BL, sharder: sharding_lib.Sharder):
