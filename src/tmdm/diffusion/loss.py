@@ -59,6 +59,7 @@ def chunked_nll(unembed_fn, x_BLD, targets_BL, modality_BL, allowed_MV, sharder:
   logits recomputed in the backward pass (jax.checkpoint): peak logits memory is B x chunk x V
   instead of B x L x V, at the price of one more unembedding matmul. L need not divide by chunk."""
   B, L, D = x_BLD.shape
+  chunk = min(chunk, L)
   n = -(-L // chunk)
   pad = n * chunk - L
 
