@@ -168,8 +168,9 @@ def input_overhead(cfg, steps=30) -> dict:
           'pipeline_over_in_memory': round(in_memory / real, 4), 'steps': steps}
 
 
-def checkpoint_cost(cfg, saves=5, workdir=None) -> dict:
-  """Time the loop is blocked per async save (against the step time), and the restore time."""
+def checkpoint_cost(cfg, saves=5, steps_between=5, workdir=None) -> dict:
+  """Time the loop is blocked per async save (against the step time, steps_between steps apart), and
+  the restore time."""
   import tempfile  # pylint: disable=import-outside-toplevel
   from tmdm import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   s = train.setup(cfg)
@@ -185,10 +186,11 @@ def checkpoint_cost(cfg, saves=5, workdir=None) -> dict:
   ckpt = checkpoint_lib.Checkpointer(folder, keep=2, async_save=cfg.checkpoint.async_save)
   blocked, step_times = [], []
   for i in range(saves):
-    t0 = time.perf_counter()
-    state, m = step_fn(state, batch)
-    jax.block_until_ready(m)
-    step_times.append(time.perf_counter() - t0)
+    for _ in range(steps_between):  # The loop's pattern: steps (overlapping the last background write), a save.
+      t0 = time.perf_counter()
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m)
+      step_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     ckpt.save(i + 1, state, {}, 1, {}, {'mesh': s.mesh_shape.as_tuple()})
     blocked.append(time.perf_counter() - t0)
@@ -198,7 +200,7 @@ def checkpoint_cost(cfg, saves=5, workdir=None) -> dict:
   ckpt.restore_state(target)
   restore_s = time.perf_counter() - t0
   ckpt.close()
-  return {'bench': 'checkpoint', 'async': cfg.checkpoint.async_save,
+  return {'bench': 'checkpoint', 'async': cfg.checkpoint.async_save, 'saves': saves, 'steps_between': steps_between,
           'blocked_ms_median': round(statistics.median(blocked) * 1e3, 1),
           'blocked_ms_max': round(max(blocked) * 1e3, 1), 'step_ms_median': round(statistics.median(step_times) * 1e3, 1),
           'restore_s': round(restore_s, 2), 'state_mb': round(sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20, 1)}

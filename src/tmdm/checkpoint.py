@@ -91,11 +91,22 @@ class DataShards:
   num_shards: int
 
 
+def _single_process_array_writes():
+  """In one process, write each array shard whole. Orbax's replica-parallel writes split every
+  replicated shard among its replicas with one eager slice per piece; that only pays when the
+  replicas live in different processes. On the demo's 8-device CPU mesh it was 936 slices (2.2 s
+  blocked in the first save, while each slice compiled; ~0.25 s in every later one)."""
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                            override=True)
+
+
 class Checkpointer:
   """The loop's view of Orbax: save, steps, latest good restore, error checks."""
 
   def __init__(self, directory, *, keep: int, async_save: bool):
     self.directory = os.path.abspath(directory)
+    _single_process_array_writes()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     try:
