@@ -116,3 +116,21 @@ def test_sweep_parses_rules_and_records_the_chosen_defaults(tmp_path):
   with open(path, encoding='utf-8') as f:
     data = json.load(f)
   assert data['tasks']['t2i']['chosen']['steps'] == 16 and data['tasks']['t2i']['command'].startswith('tmdm')
+
+
+def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
+  import types  # pylint: disable=import-outside-toplevel
+  from tmdm import base_config, evaluate, sample_sweep  # pylint: disable=import-outside-toplevel
+
+  def fake_t2i(ctx, settings):  # accuracy ties at w > 0; the ancestral rule has the better FD
+    spec_, knobs = settings(ctx, 't2i')
+    acc = 0.5 if knobs.guidance > 0 else 0.2
+    fd = 40.0 if spec_.sampler == 'ancestral' else 90.0
+    return {'t2i/digit_acc': acc, 't2i/fd': fd - knobs.guidance, 't2i/forward_passes': 10 if fd < 50 else 5}
+
+  monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
+  ctx = types.SimpleNamespace(cfg=base_config.get_config())
+  rows, chosen, metric, higher = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine', 'ancestral'],
+                                                        steps=[8], temperatures=[1.0], guidance=[0.0, 2.0, 4.0])
+  assert len(rows) == 6 and metric == 't2i/digit_acc' and higher
+  assert (chosen['sampler'], chosen['guidance'], chosen['metric']) == ('ancestral', 4.0, 0.5)

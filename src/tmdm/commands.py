@@ -205,7 +205,7 @@ def _sample_sweep_args(p):
   p.add_argument('--temperatures', default='0.7,1.0', help='temperatures (comma list)')
   p.add_argument('--guidance', default='0,1,3', help='guidance weights (comma list; ignored for text)')
   p.add_argument('--tolerance', type=float, default=0.0,
-                 help='prefer the fewest forward passes among settings this close to the best metric')
+                 help='treat settings this close to the best metric as ties (broken by the secondary metric, then forward passes)')
   p.add_argument('--out', default=None, help='folder for sweep.csv/.md/.png (default: WORKDIR/sample_sweep/TASK)')
   p.add_argument('--record', action='store_true', help='write the chosen setting into src/tmdm/sampling_defaults.json')
 

@@ -7,8 +7,9 @@ For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every co
   guidance      classifier-free guidance weight w (cross-modal tasks)
 and writes sweep.csv, sweep.md (a table sorted by the task's metric, evaluate.PRIMARY) and sweep.png
 (the metric against steps, one line per rule and temperature, one panel per guidance weight). The
-chosen setting is the best metric; among settings within `tolerance` of it, the one with the fewest
-forward passes. `--record` writes it into src/tmdm/sampling_defaults.json, which base_config reads:
+chosen setting is the best metric; among settings within `tolerance` of it (exact ties by default),
+the best by the task's secondary metric (evaluate.SECONDARY: T2I the Fréchet distance), then the one
+with the fewest forward passes. `--record` writes it into src/tmdm/sampling_defaults.json, which base_config reads:
 the sample section's defaults then carry the measured values (with the command that measured them).
 
 Steps, temperature, guidance and tau are traced sampler inputs (sampling.Knobs): one compile per
@@ -77,7 +78,9 @@ def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, g
   best = max(r['metric'] if higher else -r['metric'] for r in rows)
   close = [r for r in rows if (r['metric'] if higher else -r['metric']) >= best - tolerance]
   cost = lambda r: r.get(f'{task}/forward_passes', r['steps'])
-  chosen = min(close, key=lambda r: (cost(r), -(r['metric'] if higher else -r['metric'])))
+  second, second_higher = evaluate.SECONDARY.get(task, (None, True))
+  tie = lambda r: 0.0 if second is None else (-r[second] if second_higher else r[second])
+  chosen = min(close, key=lambda r: (tie(r), cost(r), -(r['metric'] if higher else -r['metric'])))
   return rows, chosen, metric, higher
 
 
