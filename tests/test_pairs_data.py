@@ -128,7 +128,8 @@ def test_prepare_skips_ready_pairs_and_refuses_changed_settings(image_data, audi
     os.symlink(root, os.path.join(data_root, name))
   img, aud = image_data[1]['source']['settings'], audio_data[1]['source']['settings']
   overrides = [f'--config.data.root={data_root}', '--config.data.text_sources=fortunes', '--config.vocab.text_size=512',
-               '--config.image.name=img', '--config.audio.name=aud']
+               '--config.image.name=img', '--config.audio.name=aud', '--config.data.mix_image=0.3',
+               '--config.data.mix_audio=0.3']  # prepare builds pair datasets only for a mixture that uses them
   for section, settings in (('image', img), ('audio', aud)):
     for key, value in settings.items():
       if key not in ('name', 'text_tokenizer_sha256'):
