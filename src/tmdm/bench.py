@@ -72,13 +72,19 @@ def _peak_bytes(compiled):
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
-def step(preset, *, steps=10, warmup=3, segments=1, **config_kwargs) -> dict:
-  cfg = bench_config(preset, **config_kwargs)
-  s = train.setup(cfg)
+def _fresh_state_and_step(s: train.Setup, cfg):
+  """A freshly initialized train state and the trainer's jitted (not yet compiled) train step."""
   state = train_state.create(s.model, s.tx, s.sharder, s.seq_len, seed=0)
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   step_fn, _ = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
                                     cfg.train.microbatches)
+  return state, step_fn
+
+
+def step(preset, *, steps=10, warmup=3, segments=1, **config_kwargs) -> dict:
+  cfg = bench_config(preset, **config_kwargs)
+  s = train.setup(cfg)
+  state, step_fn = _fresh_state_and_step(s, cfg)
   batch = {k: jax.device_put(v, s.sharder.batch()) for k, v in
            synthetic_batch(s, cfg.train.batch_size, segments).items()}
   t0 = time.perf_counter()
@@ -143,10 +149,7 @@ def input_overhead(cfg, steps=30) -> dict:
   s = train.setup(cfg)
   shards = train._shards(cfg)  # pylint: disable=protected-access
   data_iter, _ = train.train_iterator(s, shards)
-  state = train_state.create(s.model, s.tx, s.sharder, s.seq_len, seed=0)
-  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
-  step_fn, _ = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
-                                    cfg.train.microbatches)
+  state, step_fn = _fresh_state_and_step(s, cfg)
   fixed = pipeline.to_global(next(data_iter), s.sharder)
   step_fn = step_fn.lower(state, fixed).compile()
 
@@ -174,10 +177,7 @@ def checkpoint_cost(cfg, saves=5, steps_between=5, workdir=None) -> dict:
   import tempfile  # pylint: disable=import-outside-toplevel
   from tmdm import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   s = train.setup(cfg)
-  state = train_state.create(s.model, s.tx, s.sharder, s.seq_len, seed=0)
-  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
-  step_fn, _ = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
-                                    cfg.train.microbatches)
+  state, step_fn = _fresh_state_and_step(s, cfg)
   batch = {k: jax.device_put(v, s.sharder.batch()) for k, v in
            synthetic_batch(s, cfg.train.batch_size, 1).items()}
   step_fn = step_fn.lower(state, batch).compile()
