@@ -35,3 +35,15 @@ def test_input_and_pipeline_benches(text_data):
   assert r['in_memory_tok_s'] > 0 and r['pipeline_tok_s'] > 0 and 0 < r['pipeline_over_in_memory'] < 3
   (p,) = bench.pipeline_throughput(cfg, batches=3)
   assert p['source'] == 'text' and p['rows_s'] > 0 and 0 < p['non_pad_tok_s'] <= p['tok_s']
+
+
+def test_sampling_bench_table(text_data):
+  from tmdm import base_config, sample_bench  # pylint: disable=import-outside-toplevel
+  c = base_config.get_config()
+  assert (sample_bench.tokens_per_item(c, 'image'), sample_bench.tokens_per_item(c, 'audio')) == (64, 100)
+  ctx = sample_bench.context('', os.path.join(REPO, 'experiments', 'smoke.py'),
+                             [f'--config.data.root={text_data}', '--config.sample.text_len=16'])
+  rows, info = sample_bench.bench(ctx, 'text', [2, 4], batch=8, repeats=1)
+  assert [r['steps'] for r in rows] == [2, 4] and info['masked_per_row'] == 14
+  assert all(1 <= r['passes'] <= r['steps'] and r['tokens_per_s'] > 0 for r in rows)
+  assert '14 generated tokens' in sample_bench.format_table(rows, info, 'text')

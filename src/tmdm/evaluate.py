@@ -46,31 +46,44 @@ def _settings(ctx, task, settings):
   return settings(ctx, task) if settings else ctx.settings(task)
 
 
+_T2I_REFERENCES = {}  # (image size, seed, n, tokenizer) -> (classifier, real features, reference metrics): a sweep reuses them.
+
+
+def _t2i_references(ctx, n: int):
+  """The digit classifier, the real digits' features, and the reference rows at n samples: the
+  tokenizer's reconstructions of n real digits and n decoded random codes."""
+  e, tok = ctx.cfg.eval, ctx.tokenizer('image')
+  key = (ctx.cfg.image.size, e.seed, n, tok.sha256)
+  if key not in _T2I_REFERENCES:
+    clf, clf_acc, real_x = em.digit_classifier(ctx.cfg.image.size, e.seed)
+    real_f = em.penultimate(clf, real_x)
+    rng = np.random.default_rng(e.seed)
+    pick = rng.choice(len(real_x), n, replace=False)
+    from sklearn import datasets  # pylint: disable=import-outside-toplevel
+    digits = datasets.load_digits()
+    real_images = np.stack([image_mod.digit_to_rgb(digits.images[i], ctx.cfg.image.size) for i in pick]) / 255
+    recon_x = em.digit_features(tok.decode(tok.encode(real_images.astype(np.float32))))
+    noise_x = em.digit_features(tok.decode(rng.integers(0, tok.codebook_size, (n, tok.tokens_per_item))))
+    refs = {'t2i/classifier_acc_real': clf_acc,
+            't2i/digit_acc_recon': float(np.mean(clf.predict(recon_x) == digits.target[pick])),
+            't2i/fd_recon': em.frechet(em.penultimate(clf, recon_x), real_f),
+            't2i/fd_random': em.frechet(em.penultimate(clf, noise_x), real_f)}
+    _T2I_REFERENCES[key] = (clf, real_f, refs)
+  return _T2I_REFERENCES[key]
+
+
 def t2i_digits(ctx: generate.Context, settings=None) -> dict:
   e = ctx.cfg.eval
-  clf, clf_acc, real_x = em.digit_classifier(ctx.cfg.image.size, e.seed)
   per_digit = max(1, math.ceil(e.num / 10))
   labels = [d for d in range(10) for _ in range(per_digit)]
   prompts = [image_mod.DIGIT_CAPTIONS[j % len(image_mod.DIGIT_CAPTIONS)].format(word=image_mod.NUMBER_WORDS[d], n=d)
              for d in range(10) for j in range(per_digit)]
+  clf, real_f, refs = _t2i_references(ctx, len(labels))
   samples, info = generate.generate(ctx, 't2i', prompts=prompts, n=1, seed=e.seed,
                                     settings=_settings(ctx, 't2i', settings))
   gen_x = em.digit_features(np.stack([smp.output for smp in samples]))
-  real_f = em.penultimate(clf, real_x)
-  tok = ctx.tokenizer('image')
-  rng = np.random.default_rng(e.seed)
-  pick = rng.choice(len(real_x), len(labels), replace=False)
-  from sklearn import datasets  # pylint: disable=import-outside-toplevel
-  digits = datasets.load_digits()
-  real_images = np.stack([image_mod.digit_to_rgb(digits.images[i], ctx.cfg.image.size) for i in pick]) / 255
-  recon_x = em.digit_features(tok.decode(tok.encode(real_images.astype(np.float32))))
-  noise_x = em.digit_features(tok.decode(rng.integers(0, tok.codebook_size, (len(labels), tok.tokens_per_item))))
   return {'t2i/digit_acc': float(np.mean(clf.predict(gen_x) == np.asarray(labels))),
-          't2i/fd': em.frechet(em.penultimate(clf, gen_x), real_f),
-          't2i/classifier_acc_real': clf_acc,
-          't2i/digit_acc_recon': float(np.mean(clf.predict(recon_x) == digits.target[pick])),
-          't2i/fd_recon': em.frechet(em.penultimate(clf, recon_x), real_f),
-          't2i/fd_random': em.frechet(em.penultimate(clf, noise_x), real_f),
+          't2i/fd': em.frechet(em.penultimate(clf, gen_x), real_f), **refs,
           't2i/samples': len(labels), 't2i/seconds': info['seconds'],
           't2i/forward_passes': info['forward_passes']}
 

@@ -261,11 +261,11 @@ def sample_command(workdir, *, task='text', prompts=(), inputs=(), n=0, out_dir=
     kwargs = dict(prompts=list(prompts) or [''], n=n)
   else:
     kwargs = heldout_conditions(ctx, task, n)
-  samples, info = generate(ctx, task, seed=seed, **kwargs)
+  spec_, knobs = ctx.settings(task)
+  samples, info = generate(ctx, task, seed=seed, settings=(spec_, knobs), **kwargs)
   out_dir = out_dir or os.path.join(workdir, 'samples', task)
   page = gallery.write(out_dir, samples, title=f'{task} samples of {workdir} (step {ctx.step})',
-                       audio_rate=ctx.cfg.audio.sample_rate,
-                       settings=dataclasses.asdict(ctx.settings(task)[0]) | ctx.settings(task)[1]._asdict())
+                       audio_rate=ctx.cfg.audio.sample_rate, settings=dataclasses.asdict(spec_) | knobs._asdict())
   log.info('%d %s samples in %.1f s (%d forward passes) -> %s', len(samples), task, info['seconds'],
            info['forward_passes'], page)
   return samples

@@ -24,11 +24,13 @@ from tmdm.modalities import spec
 
 
 def tokens_per_item(cfg, kind: str) -> int:
-  """Codes per image / clip implied by the config (the learned tokenizers' layout)."""
+  """Codes per image / clip implied by the config (the learned tokenizers' own layout)."""
+  from tmdm.tokenizers import audio as audio_tok, image as image_tok  # pylint: disable=import-outside-toplevel
   if kind == 'image':
-    return (cfg.image.size // 2**cfg.image.downsamples)**2
+    return image_tok.ImageConfig(size=cfg.image.size, downsamples=cfg.image.downsamples).latent**2
   a = cfg.audio
-  return int(round(a.seconds * a.sample_rate)) // a.hop // 2**a.downsamples
+  return audio_tok.AudioConfig(sample_rate=a.sample_rate, seconds=a.seconds, hop=a.hop,
+                               downsamples=a.downsamples).tokens
 
 
 def synthetic_canvas(cfg, vocab: spec.VocabSpec, task: str, rows: int, seed: int = 0):
