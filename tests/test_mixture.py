@@ -13,8 +13,9 @@ VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
 TOK = {'text': {'name': 'fake-spm', 'vocab_size': 37, 'sha256': 'abc'}}
 
 
-def _write(root, kind, n, seed, bad=()):
-  """n records; indices in `bad` get an out-of-range or empty field."""
+def _write(root, kind, n, seed, bad=(), val=10):
+  """n records, the last `val` of them the validation split; indices in `bad` get an out-of-range or
+  empty field."""
   rng = np.random.default_rng(seed)
   fields = ['text'] if kind == 'text' else ['text', kind]
   sizes = {'text': 37, 'image': 11, 'audio': 13}
@@ -27,7 +28,7 @@ def _write(root, kind, n, seed, bad=()):
       rec[fields[-1]] = np.array([], np.int32) if i % 2 else np.array([999])
     records.append(rec)
   splits = {split: [store.write_shard(os.path.join(root, split, '00000'), records[lo:hi], fields)]
-            for split, (lo, hi) in {'train': (0, n - 10), 'val': (n - 10, n)}.items()}
+            for split, (lo, hi) in {'train': (0, n - val), 'val': (n - val, n)}.items()}
   toks = dict(TOK)
   if kind != 'text':
     toks[kind] = {'name': 'fake-fsq', 'codebook_size': sizes[kind], 'tokens_per_item': 6, 'sha256': 'def'}
@@ -130,3 +131,37 @@ def test_check_rejects_mismatched_vocab(cfg):
   bad.vocab.image_size = 12
   with pytest.raises(store.DataError, match='vocab.image_size is 12 but the image tokenizer'):
     mixture.check(bad)
+
+
+def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_path):
+  """eval/<component>/joint counts every non-layout position of the rows; eval/<component>/conditional
+  (pairs) counts only the targets: captions of I2T rows as text, codes of T2I rows as image."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tmdm import train, train_state, train_step  # pylint: disable=import-outside-toplevel
+  from helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  c = tiny_config()
+  c.data, c.image, c.audio = cfg.data.copy_and_resolve_references(), cfg.image, cfg.audio
+  for name in (c.image.name, c.audio.name):  # The fixture's pairs, beside a text set with more val rows.
+    os.symlink(os.path.join(cfg.data.root, name), str(tmp_path / name))
+  _write(str(tmp_path / c.data.text_name), 'text', 300, seed=4, val=80)
+  c.data.root = str(tmp_path)
+  c.train.update(batch_size=8, eval_batches=2)
+  s = train.setup(c)
+  val = train.eval_batches(s, train._shards(c))
+  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
+  _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1)
+  params = train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params
+  out = train.evaluate(eval_fn, params, val, seed=1)
+  for key in ('eval/text/joint/loss/text', 'eval/image/joint/loss/image', 'eval/image/conditional/loss/text',
+              'eval/image/conditional/loss/image', 'eval/audio/conditional/loss/audio', 'eval/loss/text'):
+    assert key in out, key
+  assert 'eval/text/conditional/loss/text' not in out  # Text rows have no condition.
+  for batch in val['image']:
+    rows = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+    text, image = rows['modality'] == spec.TEXT, rows['modality'] == spec.IMAGE
+    supervised, target = rows['role'] != spec.FIXED, rows['role'] == spec.TARGET
+    joint = jax.device_get(eval_fn(params, batch, jax.random.PRNGKey(0), mode='joint'))
+    cond = jax.device_get(eval_fn(params, batch, jax.random.PRNGKey(0), mode='conditional'))
+    assert joint['count/text'] == (supervised & text).sum() and joint['count/image'] == (supervised & image).sum()
+    assert cond['count/text'] == (target & text).sum() and cond['count/image'] == (target & image).sum()
+    assert 0 < cond['count/text'] < joint['count/text']

@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.loss_chunk = 0  # Cross-entropy over chunks of this many positions, logits recomputed in the backward (0: whole rows).
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.schedule_text = 'linear'  # Noise schedule of text positions (see diffusion/schedules.py).
+  c.diffusion.schedule_text = 'linear'  # Noise schedule of text positions (diffusion/schedules.py; 'cosine' is MDLM's).
   c.diffusion.schedule_image = 'cosine'  # Noise schedule of image positions.
   c.diffusion.schedule_audio = 'cosine'  # Noise schedule of audio positions.
   c.diffusion.poly_power = 2.0  # Exponent p of the 'polynomial' schedule alpha = 1 - t**p.
@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.t_min = 1e-3  # t ~ U[t_min, 1]: truncates the ELBO integral where w(t) explodes.
   c.diffusion.t_sampling = 'stratified'  # 'uniform' or 'stratified' (antithetic times across the batch).
   c.diffusion.complementary = False  # Pair each row with its complementary mask (rows per step halve).
+  c.diffusion.pair_alpha_min = 1e-3  # Pairs: the second copy's weight -alpha'/alpha caps alpha at this (bias -x/2).
   c.diffusion.p_joint = 0.6  # Pairs: share of examples corrupting condition and target at rate t.
   c.diffusion.p_conditional = 0.3  # Pairs: share keeping the condition clean.
   c.diffusion.p_drop_condition = 0.1  # Pairs: share masking the whole condition (trains CFG's uncond.).

@@ -190,6 +190,7 @@ def validate(cfg, num_devices=None, process_count=1):
   _need(d.t_sampling in T_SAMPLING, f'diffusion.t_sampling must be one of {T_SAMPLING}')
   _need(d.poly_power > 0, 'diffusion.poly_power must be positive')
   _need(0 < d.loglinear_eps < 1, 'diffusion.loglinear_eps must be in (0, 1)')
+  _need(0 < d.pair_alpha_min < 1, f'diffusion.pair_alpha_min must be in (0, 1), got {d.pair_alpha_min}')
   probs = (d.p_joint, d.p_conditional, d.p_drop_condition)
   _need(min(probs) >= 0 and abs(sum(probs) - 1) < 1e-6,
         f'diffusion.p_joint + p_conditional + p_drop_condition must be 1, got {sum(probs):g}')

@@ -116,18 +116,27 @@ def eval_batches(s: Setup, shards: checkpoint_lib.DataShards) -> dict:
 
 
 def evaluate(eval_fn, params, components: dict, seed) -> dict:
-  """Validation ELBO of each component (eval/<component>/loss/<modality>) and of all together."""
+  """Validation ELBO per mixture component and corruption mode (train_step.eval_sums):
+    eval/<component>/joint/loss/<m>        every position of the row at one t: the ELBO of the row,
+                                           comparable to other models' perplexity bounds
+    eval/<component>/conditional/loss/<m>  pair components: condition clean, target masked, a bound
+                                           on -log p(target | condition) (T2I rows give it for image,
+                                           I2T rows for text)
+    eval/loss/<m>, eval/loss               joint, all components together
+  Every mode sees the same batches with the same keys."""
   out, total = {}, None
   for name, batches in components.items():
-    sums = None
-    for i, batch in enumerate(batches):
-      part = jax.device_get(eval_fn(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), i)))
-      sums = part if sums is None else jax.tree.map(np.add, sums, part)
-    if sums is None:
-      continue
-    total = sums if total is None else jax.tree.map(np.add, total, sums)
-    if len(components) > 1:
-      out.update({f'eval/{name}/{k}': v for k, v in loss_lib.finalize(sums).items()})
+    for mode in ('joint', 'conditional') if mixture.is_pairs(name) else ('joint',):
+      sums = None
+      for i, batch in enumerate(batches):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        part = jax.device_get(eval_fn(params, batch, key, mode=mode))
+        sums = part if sums is None else jax.tree.map(np.add, sums, part)
+      if sums is None:
+        continue
+      if mode == 'joint':
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+      out.update({f'eval/{name}/{mode}/{k}': v for k, v in loss_lib.finalize(sums).items()})
   if total is not None:
     out.update({f'eval/{k}': v for k, v in loss_lib.finalize(total).items()})
   return out

@@ -79,10 +79,17 @@ def grads_and_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, micro
   return grads, sums
 
 
+def _skip_unless(finite, new, old):
+  """A skipped step keeps every float leaf (parameters, moments, EMA) as it was, but integer leaves
+  (the step counts of optax's schedules and of Adam's bias correction) advance: they stay equal to
+  state.step, so a skip does not shift the lr schedule or the bias correction of later steps."""
+  return new if jnp.issubdtype(old.dtype, jnp.integer) else jnp.where(finite, new, old)
+
+
 def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder, microbatches,
                fault_steps=()):
   """One optimizer step. A non-finite loss or gradient skips the update (parameters and optimizer
-  state stay as they were) and reports `nonfinite` = 1; `fault_steps` injects NaN gradients at
+  moments stay as they were, step counts advance: `_skip_unless`) and reports `nonfinite` = 1; `fault_steps` injects NaN gradients at
   those steps (fault-injection tests)."""
   rng = jax.random.fold_in(state.rng, state.step)
   grads, sums = grads_and_sums(state.params, batch, rng, model=model, diff_cfg=diff_cfg, vocab=vocab,
@@ -94,29 +101,36 @@ def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder,
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums['elbo_sum'])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jnp.where(finite, new, old)
-  params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+  params, opt_state = jax.tree.map(functools.partial(_skip_unless, finite), (params, opt_state),
+                                   (state.params, state.opt_state))
   metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), dict(sums, grad_norm=grad_norm))
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   metrics['hparams'] = optim.live_hyperparams(opt_state)  # lr, b1, b2, eps, ... this update used
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder):
-  """ELBO sums of one batch at a fixed corruption key (for validation)."""
-  batch, c = _corrupt_batch(rng, batch, diff_cfg, vocab.mask_id)
+def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, mode='joint'):
+  """ELBO sums of one batch at a fixed corruption key (for validation), every row in one corruption
+  `mode` (corruption.DiffusionConfig.for_eval): 'joint' is the ELBO of the whole row, 'conditional'
+  a bound on -log p(target | condition). Training's mixture of modes is not a validation number."""
+  batch, c = _corrupt_batch(rng, batch, diff_cfg.for_eval(mode), vocab.mask_id)
   return _sums(params, model, batch, c, loss_lib.allowed_table(vocab, sharder), sharder)
 
 
 def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, state_sh, microbatches: int,
               fault_steps=()):
-  """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state."""
+  """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state.
+  The eval function takes `mode=` (corruption.EVAL_MODES), one compiled program per mode."""
   common = dict(model=model, diff_cfg=diff_cfg, vocab=vocab_spec, sharder=sharder)
   batch_sh = {k: sharder.batch() for k in BATCH_KEYS}
   rep = sharder.replicated
   step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, fault_steps=tuple(fault_steps),
                                    **common),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_sums, **common), in_shardings=(state_sh.params, batch_sh, rep),
-                     out_shardings=rep)
+  evals = {mode: jax.jit(functools.partial(eval_sums, mode=mode, **common),
+                         in_shardings=(state_sh.params, batch_sh, rep), out_shardings=rep)
+           for mode in corruption.EVAL_MODES}  # Compiled on first use only.
+
+  def evaluate(params, batch, rng, mode='joint'):
+    return evals[mode](params, batch, rng)
   return step, evaluate

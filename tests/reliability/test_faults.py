@@ -140,6 +140,13 @@ def test_nonfinite_steps_are_skipped_and_counted(text_data, tmp_path):
   rows = {r['step']: r for r in metrics.read_jsonl(os.path.join(tmp_path, 'metrics.jsonl'))}
   assert [rows[s]['nonfinite'] for s in range(1, 11)] == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]
   assert all(np.isfinite(rows[s]['loss']) for s in (1, 2, 3, 6, 10))
+  # Skipped steps still count for the lr schedule: after them, every step's lr is the clean run's.
+  clean = tmp_path / 'clean'
+  train.run(_cfg(text_data, **dict(kv, **{'train.fault_nonfinite_steps': '()'})), str(clean))
+  want = {r['step']: r for r in metrics.read_jsonl(os.path.join(clean, 'metrics.jsonl'))}
+  assert len({want[s]['lr'] for s in range(6, 11)}) == 5  # The lr moves every step, so a lag would show.
+  np.testing.assert_allclose([rows[s]['lr'] for s in range(6, 11)], [want[s]['lr'] for s in range(6, 11)],
+                             rtol=1e-6)
 
 
 def test_nonfinite_streak_stops_with_last_good_checkpoint(text_data, tmp_path):

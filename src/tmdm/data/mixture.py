@@ -21,6 +21,11 @@ def root(cfg, name: str) -> str:
   return os.path.join(cfg.data.root, folder)
 
 
+def is_pairs(name: str) -> bool:
+  """Image-text and audio-text rows have a condition and a target; text rows only targets."""
+  return name != 'text'
+
+
 def weights(cfg) -> dict:
   w = {'text': cfg.data.mix_text, 'image': cfg.data.mix_image, 'audio': cfg.data.mix_audio}
   return {k: v for k, v in w.items() if v > 0}
@@ -31,7 +36,7 @@ def component(cfg, name, vocab: spec.VocabSpec, split, *, seed, shard_index, sha
   seed = seed + COMPONENTS.index(name)  # Components never share a shuffle.
   common = dict(seq_len=cfg.data.seq_len, seed=seed, shard_index=shard_index, shard_count=shard_count,
                 repeat=repeat, num_workers=num_workers, skips=skips)
-  if name == 'text':
+  if not is_pairs(name):
     return pipeline.text_dataset(root(cfg, name), split, vocab, **common)
   return pipeline.pair_dataset(root(cfg, name), split, vocab, kind=name, p_text_first=cfg.data.p_text_first,
                                **common)
