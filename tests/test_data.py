@@ -76,3 +76,14 @@ def test_worker_count_does_not_change_order(text_data):
 def test_missing_dataset_is_a_clear_error(tmp_path):
   with pytest.raises(store.DataError, match='manifest.json is missing'):
     store.read_manifest(str(tmp_path))
+
+
+def test_word_ids_are_the_pieces_of_the_words(text_data):
+  tok = text.TextTokenizer(os.path.join(text_data, 'fortunes-smoke', 'spm.model'))
+  boundary = tok.sp.piece_to_id('\u2581')
+  ids = tok.word_ids(['seven', 'love'])
+  spelled = {int(i) for w in ('seven', 'love') for i in tok.sp.encode(w)}
+  assert set(ids) == spelled - {boundary, tok.sp.unk_id()} and ids
+  # In a sentence, the pieces the word adds are in the set, the other words' pieces are not.
+  sentence, prefix = set(tok.sp.encode('the number seven')), set(tok.sp.encode('the number'))
+  assert sentence - prefix - {boundary} <= set(ids) and not prefix & set(ids)

@@ -165,3 +165,13 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
     assert joint['count/text'] == (supervised & text).sum() and joint['count/image'] == (supervised & image).sum()
     assert cond['count/text'] == (target & text).sum() and cond['count/image'] == (target & image).sum()
     assert 0 < cond['count/text'] < joint['count/text']
+  # Focus positions: the supervised text positions holding the chosen ids, summed alone.
+  batch = val['image'][0]
+  rows = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+  caption_ids = rows['tokens'][(rows['role'] == spec.TARGET) & (rows['modality'] == spec.TEXT)]
+  focus = tuple(int(i) for i in np.unique(caption_ids)[:2])
+  _, focused = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1, focus_ids=focus)
+  cond = jax.device_get(focused(params, batch, jax.random.PRNGKey(0), mode='conditional'))
+  want = (np.isin(rows['tokens'], focus) & (rows['role'] == spec.TARGET) & (rows['modality'] == spec.TEXT)).sum()
+  assert cond['count/focus'] == want > 0
+  assert 0 < cond['elbo_sum/focus'] < cond['elbo_sum/text']

@@ -138,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10  # Fetch and write metrics every this many steps.
   c.train.eval_every_steps = 0  # Validation ELBO every this many steps (0: only at the end).
   c.train.eval_batches = 4  # Validation batches per evaluation.
+  c.train.eval_focus_words = ''  # Comma-separated words: validation also reports their text tokens' ELBO (loss/focus).
   c.train.progress = True  # Show a console progress bar.
   c.train.tensorboard = True  # Write TensorBoard event files into the workdir.
   c.train.peak_tflops = 0.0  # Per-device peak for MFU; 0 looks the device up (or measures a CPU).

@@ -36,7 +36,8 @@ def elbo(ctx: generate.Context, settings=None) -> dict:
   del settings
   s = ctx.s
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
-  _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1)
+  focus = train.focus_ids(ctx.cfg, train.check_data(ctx.cfg), s.vocab)
+  _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1, focus_ids=focus)
   n = config_lib.num_data_shards(ctx.cfg, 1)
   val = train.eval_batches(s, checkpoint_lib.DataShards(tuple(range(n)), n))
   return train.evaluate(eval_fn, ctx.params, val, ctx.cfg.seed + 1)

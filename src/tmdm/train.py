@@ -21,7 +21,7 @@ from tmdm import config_lib, metrics as metrics_lib, optim, perf, resilience, sh
 from tmdm import train_state, train_step
 from tmdm.data import mixture, pipeline, store
 from tmdm.diffusion import corruption, loss as loss_lib
-from tmdm.modalities import spec
+from tmdm.modalities import spec, text
 from tmdm.model import config as model_config, transformer
 
 log = logging.getLogger('tmdm')
@@ -142,6 +142,17 @@ def evaluate(eval_fn, params, components: dict, seed) -> dict:
   return out
 
 
+def focus_ids(cfg, manifests: dict, vocab: spec.VocabSpec) -> tuple:
+  """Joint-vocabulary ids of train.eval_focus_words under the runs' text tokenizer (every dataset
+  uses the same one: mixture.check), for validation's loss/focus."""
+  words = [w.strip() for w in cfg.train.eval_focus_words.split(',') if w.strip()]
+  if not words:
+    return ()
+  name, manifest = next(iter(manifests.items()))
+  tok = text.TextTokenizer(os.path.join(mixture.root(cfg, name), manifest['tokenizers']['text']['file']))
+  return tuple(vocab.text_start + i for i in tok.word_ids(words))
+
+
 def _tokenizer_hashes(manifests: dict) -> dict:
   return {name: {field: tok['sha256'] for field, tok in m['tokenizers'].items()} for name, m in manifests.items()}
 
@@ -238,7 +249,8 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
 
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   step_fn, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
-                                          cfg.train.microbatches, cfg.train.fault_nonfinite_steps)
+                                          cfg.train.microbatches, cfg.train.fault_nonfinite_steps,
+                                          focus_ids=focus_ids(cfg, manifests, s.vocab))
   batch = pipeline.to_global(next(data_iter), s.sharder)
   t0 = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()

@@ -14,6 +14,7 @@ import optax
 
 from tmdm import optim, sharding as sharding_lib
 from tmdm.diffusion import corruption, loss as loss_lib
+from tmdm.modalities import spec
 from tmdm.model import transformer
 from tmdm.train_state import TrainState
 
@@ -27,7 +28,7 @@ def _corrupt_batch(rng, batch, diff_cfg, mask_id):
   return batch, c
 
 
-def _sums(params, model, batch, c, allowed_MV, sharder):
+def _sums(params, model, batch, c, allowed_MV, sharder, focus_BL=None):
   args = (c['x_t_BL'], batch['segment_ids'], batch['positions'], c['t_B'])
   if model.cfg.loss_chunk:  # Memory-lean: logits of `loss_chunk` positions at a time.
     x_BLD, w_DV = model.apply({'params': params}, *args, return_hidden=True)
@@ -37,7 +38,7 @@ def _sums(params, model, batch, c, allowed_MV, sharder):
   else:
     logits_BLV = model.apply({'params': params}, *args)
     nll_BL = loss_lib.vocab_parallel_nll(logits_BLV, batch['tokens'], batch['modality'], allowed_MV, sharder)
-  return loss_lib.elbo_sums(nll_BL, c['masked_BL'], c['weight_BL'], c['supervised_BL'], batch['modality'])
+  return loss_lib.elbo_sums(nll_BL, c['masked_BL'], c['weight_BL'], c['supervised_BL'], batch['modality'], focus_BL)
 
 
 def _split_microbatches(tree, k, sharder):
@@ -109,16 +110,21 @@ def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, mode='joint'):
+def eval_sums(params, batch, rng, *, model, diff_cfg, vocab, sharder, mode='joint', focus_ids=()):
   """ELBO sums of one batch at a fixed corruption key (for validation), every row in one corruption
   `mode` (corruption.DiffusionConfig.for_eval): 'joint' is the ELBO of the whole row, 'conditional'
-  a bound on -log p(target | condition). Training's mixture of modes is not a validation number."""
+  a bound on -log p(target | condition). Training's mixture of modes is not a validation number.
+  focus_ids: joint-vocabulary text ids whose positions are also summed alone ('loss/focus'; e.g. the
+  digit words of the demo's captions, train.eval_focus_words)."""
   batch, c = _corrupt_batch(rng, batch, diff_cfg.for_eval(mode), vocab.mask_id)
-  return _sums(params, model, batch, c, loss_lib.allowed_table(vocab, sharder), sharder)
+  focus_BL = None
+  if focus_ids:
+    focus_BL = jnp.isin(batch['tokens'], jnp.asarray(focus_ids, jnp.int32)) & (batch['modality'] == spec.TEXT)
+  return _sums(params, model, batch, c, loss_lib.allowed_table(vocab, sharder), sharder, focus_BL)
 
 
 def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, state_sh, microbatches: int,
-              fault_steps=()):
+              fault_steps=(), focus_ids=()):
   """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state.
   The eval function takes `mode=` (corruption.EVAL_MODES), one compiled program per mode."""
   common = dict(model=model, diff_cfg=diff_cfg, vocab=vocab_spec, sharder=sharder)
@@ -127,7 +133,7 @@ def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, st
   step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, fault_steps=tuple(fault_steps),
                                    **common),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
-  evals = {mode: jax.jit(functools.partial(eval_sums, mode=mode, **common),
+  evals = {mode: jax.jit(functools.partial(eval_sums, mode=mode, focus_ids=tuple(focus_ids), **common),
                          in_shardings=(state_sh.params, batch_sh, rep), out_shardings=rep)
            for mode in corruption.EVAL_MODES}  # Compiled on first use only.
 

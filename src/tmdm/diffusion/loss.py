@@ -79,8 +79,9 @@ def chunked_nll(unembed_fn, x_BLD, targets_BL, modality_BL, allowed_MV, sharder:
   return sharder.constrain(nll_BL, ('batch', 'length'))
 
 
-def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL) -> dict:
-  """Weighted NLL sums and supervised counts, in total and per modality (float32 scalars)."""
+def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL, focus_BL=None) -> dict:
+  """Weighted NLL sums and supervised counts, in total and per modality (float32 scalars); with
+  `focus_BL`, also those of the focus positions alone ('elbo_sum/focus', 'count/focus')."""
   term_BL = jnp.where(masked_BL, weight_BL * nll_BL, 0.0)
   out = {'elbo_sum': jnp.sum(term_BL), 'count': jnp.sum(supervised_BL, dtype=jnp.float32),
          'masked': jnp.sum(masked_BL, dtype=jnp.float32)}
@@ -88,12 +89,16 @@ def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL) -> dict:
     is_m = modality_BL == m
     out[f'elbo_sum/{name}'] = jnp.sum(jnp.where(is_m, term_BL, 0.0))
     out[f'count/{name}'] = jnp.sum(supervised_BL & is_m, dtype=jnp.float32)
+  if focus_BL is not None:
+    out['elbo_sum/focus'] = jnp.sum(jnp.where(focus_BL, term_BL, 0.0))
+    out['count/focus'] = jnp.sum(supervised_BL & focus_BL, dtype=jnp.float32)
   return out
 
 
 def finalize(sums: dict) -> dict:
-  """Per-token ELBO (`loss`), per modality `loss/<m>` and the bound `ppl/<m>` = exp(ELBO per token).
-  Modalities with no supervised token are left out. Works on numpy or jax scalars."""
+  """Per-token ELBO (`loss`), per modality `loss/<m>` and the bound `ppl/<m>` = exp(ELBO per token),
+  and `loss/focus` when the sums have focus terms. Modalities with no supervised token are left out.
+  Works on numpy or jax scalars."""
   out = {}
   if sums['count'] > 0:
     out['loss'] = float(sums['elbo_sum'] / sums['count'])
@@ -103,4 +108,6 @@ def finalize(sums: dict) -> dict:
       loss = float(sums[f'elbo_sum/{name}'] / sums[f'count/{name}'])
       out[f'loss/{name}'] = loss
       out[f'ppl/{name}'] = math.exp(min(loss, 80.0))
+  if sums.get('count/focus', 0) > 0:
+    out['loss/focus'] = float(sums['elbo_sum/focus'] / sums['count/focus'])
   return out

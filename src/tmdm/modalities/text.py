@@ -133,6 +133,12 @@ class TextTokenizer:
   def encode(self, texts):
     return [np.asarray(ids, np.int32) for ids in self.sp.encode([t.replace('\n', NEWLINE) for t in texts])]
 
+  def word_ids(self, words) -> list[int]:
+    """Ids of the pieces that spell each word as it stands after a space, less the bare word-boundary
+    piece and unk: the positions of validation's `loss/focus` (train.eval_focus_words)."""
+    ids = {int(i) for w in words for i in self.encode([w])[0]}
+    return sorted(ids - {self.sp.piece_to_id('\u2581'), self.sp.unk_id()})
+
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
     return self.sp.decode(ids).replace(NEWLINE, '\n')
