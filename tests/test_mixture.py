@@ -147,7 +147,7 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
   c.data.root = str(tmp_path)
   c.train.update(batch_size=8, eval_batches=2)
   s = train.setup(c)
-  val = train.eval_batches(s, train._shards(c))
+  val = train.eval_batches(s, train.data_shards(c))
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1)
   params = train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params

@@ -3,10 +3,13 @@ coordinator and gloo collectives. It trains, checkpoints, resumes and must match
 devices step for step (data.num_shards=2 fixes the data order across process counts)."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,15 +28,19 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, data_root):
+def _start_two(workdir, data_root, kv):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-m', 'tmdm.cli', 'train', f'--config={SMOKE}', f'--workdir={workdir}', '--host_devices=4',
        f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
-       f'--config.data.root={data_root}', *[f'--config.{k}={v}' for k, v in KV.items()]],
+       f'--config.data.root={data_root}', *[f'--config.{k}={v}' for k, v in kv.items()]],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _two_processes(workdir, data_root, kv=None):
+  procs = _start_two(workdir, data_root, kv or KV)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
@@ -62,3 +69,62 @@ def test_two_processes_match_one(text_data, tmp_path):
   (a, a_eval), (b, b_eval) = _rows(single), _rows(multi)
   np.testing.assert_allclose([b[s]['loss'] for s in range(1, 7)], [a[s]['loss'] for s in range(1, 7)], rtol=2e-5)
   np.testing.assert_allclose(b_eval[6]['eval/loss'], a_eval[6]['eval/loss'], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(text_data, tmp_path):
+  """Only process 1 gets SIGTERM: both stop after the same step (their votes meet in the train
+  step), save one checkpoint together, exit 0, and the next launch resumes from it."""
+  workdir = str(tmp_path / 'run')
+  kv = dict(KV, **{'train.num_steps': 400, 'checkpoint.every_steps': 1000, 'train.eval_batches': 0})
+  procs = _start_two(workdir, text_data, kv)
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  end = time.time() + 300
+  while not (os.path.exists(metrics_file) and metrics.read_jsonl(metrics_file)):
+    assert time.time() < end and all(p.poll() is None for p in procs), 'training did not start'
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  stopped = [int(re.search(r'stopped by (.+?) after step (\d+)', out).group(2)) for out in outs]
+  assert 'stopped by SIGTERM' in outs[1] and 'stopped by a signal to another process' in outs[0]
+  assert stopped[0] == stopped[1] < 400
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert saved == [stopped[0]]
+  outs = _two_processes(workdir, text_data, dict(kv, **{'train.num_steps': stopped[0] + 2}))
+  assert f'resumed from step {stopped[0]}' in outs[0]
+
+
+def _eval_json(workdir, out, processes):
+  """`tmdm eval` (validation ELBO and text infilling) on 1 process x 8 devices or 2 x 4."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  base = [sys.executable, '-m', 'tmdm.cli', 'eval', f'--workdir={workdir}', f'--out={out}',
+          '--config.eval.tasks=elbo,text_infill', '--config.eval.num=6']
+  if processes == 1:
+    cmds = [base + ['--host_devices=8']]
+  else:
+    port = _free_port()
+    cmds = [base + ['--host_devices=4', f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+            for i in range(2)]
+  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for c in cmds]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0] * processes, outs[-1][-3000:]
+  import json  # pylint: disable=import-outside-toplevel
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_two_process_eval_matches_one(text_data, tmp_path):
+  workdir = str(tmp_path / 'run')
+  cfg = config_lib.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
+  cfg.data.root = text_data
+  train.run(cfg, workdir)
+  one = _eval_json(workdir, str(tmp_path / 'one.json'), 1)
+  two = _eval_json(workdir, str(tmp_path / 'two.json'), 2)
+  assert one.keys() == two.keys() and 'eval/text/joint/loss/text' in one and 'text/infill_token_acc' in one
+  for k, v in one.items():
+    if isinstance(v, float) and not k.endswith(('seconds', '_per_s')):  # timings differ
+      np.testing.assert_allclose(two[k], v, rtol=2e-5, err_msg=k)

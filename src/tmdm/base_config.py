@@ -157,6 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
   # at this level drive the text tasks; sample.<task> holds those of each cross-modal task. Values
   # measured by `tmdm sample-sweep --record` (sampling_defaults.json) replace the defaults below.
   c.sample = ml_collections.ConfigDict()
+  c.checkpoint.allow_fresh_start = False  # Checkpoints exist but all are corrupt: train from step 0 (else stop).
   _sampler_keys(c.sample, 'text', sampler='ancestral', steps=64, schedule='cosine', guidance=0.0)
   c.sample.num = 4  # Samples written after training / by `tmdm sample` (per prompt).
   c.sample.batch = 16  # Rows per sampling call (rounded up to a multiple of the mesh's batch shards).

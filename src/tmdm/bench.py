@@ -147,7 +147,7 @@ def input_overhead(cfg, steps=30) -> dict:
   """Training tokens/s with the real pipeline against the same compiled step fed one in-memory batch."""
   from tmdm.data import pipeline  # pylint: disable=import-outside-toplevel
   s = train.setup(cfg)
-  shards = train._shards(cfg)  # pylint: disable=protected-access
+  shards = train.data_shards(cfg)
   data_iter, _ = train.train_iterator(s, shards)
   state, step_fn = _fresh_state_and_step(s, cfg)
   fixed = pipeline.to_global(next(data_iter), s.sharder)

@@ -6,20 +6,36 @@ state), `config` (the resolved config) and `meta` (tokenizer hashes, the mesh, a
 the state: two weighted sums per array, computed on device at save time).
 
 Orbax writes each step into a temporary folder and renames it when complete, so a save cut short by
-a crash is never listed. A listed step whose files were truncated or tampered with fails to restore
-or fails its fingerprint; `restore_latest_good` then moves it aside (never deletes it) into
-`corrupt/` next to the checkpoints and falls back to the previous step.
+a crash is never listed. `restore_latest_good` sorts what goes wrong in a restore into three kinds:
+  corrupt    proven damage, and only that: a file of the step is missing (FileNotFoundError,
+             TensorStore NOT_FOUND), cut short (OUT_OF_RANGE, a truncated compressed stream) or
+             undecodable (JSON, DATA_LOSS), or the state read does not match its fingerprint. The
+             step is moved aside (never deleted) into `corrupt/` next to the checkpoints and the
+             previous step is tried.
+  mismatch   the files are sound but hold another train state (paths, shapes or dtypes differ from
+             the target): a config change. StateMismatch; nothing moved.
+  failed     anything else (permissions, I/O and network errors, memory, unknown): it proves nothing
+             about the files, so RestoreFailed stops the run and nothing is moved. When an error
+             chain holds both a sign of damage and any of these, it counts as failed.
+When checkpoints existed and none restores, NothingRestorable; the caller decides.
+
+With several processes each reads its own shards, collective-free, then all agree on the worst kind
+any of them saw; process 0's listing names the step to try and only process 0 moves folders, so
+every process restores the same step.
 """
 
 import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,6 +46,119 @@ ITEMS = ('state', 'data', 'config', 'meta')
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written (disk full, unwritable folder) or none could be read."""
+
+
+class StateMismatch(CheckpointError):
+  """A sound checkpoint whose train state (array paths, shapes, dtypes) is not the one this run
+  builds: a config change, for the caller to name. Nothing was moved."""
+
+  def __init__(self, step: int, detail: str, saved_config: dict):
+    super().__init__(f'checkpoint {step} holds another train state: {detail}')
+    self.step, self.detail, self.saved_config = step, detail, saved_config
+
+
+class RestoreFailed(CheckpointError):
+  """A restore failed in a way that does not prove the checkpoint corrupt; nothing was moved."""
+
+
+class NothingRestorable(CheckpointError):
+  """Checkpoints existed, but every one was proven corrupt and moved aside."""
+
+
+# Restore outcomes, ordered: when processes see different ones, the largest wins.
+OK, CORRUPT, MISMATCH, FAILED = range(4)
+# TensorStore status prefixes. Damage: undecodable, read past the end of a file, missing.
+_DAMAGE_STATUS = ('DATA_LOSS:', 'OUT_OF_RANGE:', 'NOT_FOUND:')
+# Conditions of the moment or of this machine, not of the files.
+_TRANSIENT_STATUS = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:', 'RESOURCE_EXHAUSTED:', 'ABORTED:', 'CANCELLED:',
+                     'PERMISSION_DENIED:', 'UNAUTHENTICATED:', 'INTERNAL:', 'UNKNOWN:')
+
+
+def _causes(error):
+  """The error and what it was raised from (Orbax wraps TensorStore's errors in bare Exceptions)."""
+  out = []
+  while error is not None and all(error is not e for e in out):
+    out.append(error)
+    error = error.__cause__ or error.__context__
+  return out
+
+
+def _maybe_transient(e) -> bool:
+  if isinstance(e, MemoryError) or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
+    return True
+  return str(e).startswith(_TRANSIENT_STATUS)
+
+
+def _damaged_file(e) -> bool:
+  if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+    return True
+  text = str(e)
+  # FAILED_PRECONDITION is broad in TensorStore; only its truncated-stream form proves damage.
+  return text.startswith(_DAMAGE_STATUS) or (text.startswith('FAILED_PRECONDITION:') and 'Truncated' in text)
+
+
+def proves_corruption(error: BaseException) -> bool:
+  """True only when the error shows damaged files and nothing in its chain could be transient."""
+  causes = _causes(error)
+  return not any(_maybe_transient(e) for e in causes) and any(_damaged_file(e) for e in causes)
+
+
+def _describe(error) -> str:
+  """One line: TensorStore's own message when the chain holds one (it names the file and the
+  problem; Orbax's wrapper does not), else the error's."""
+  status = [e for e in _causes(error) if re.match(r'[A-Z_]+: ', str(e))]
+  e = status[0] if status else error
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:300]}' if str(e) else type(e).__name__
+
+
+def _arrays(tree) -> dict:
+  """{path: 'dtype[shape]'} of the array leaves (Orbax keeps empty nodes as None)."""
+  return {k: f'{np.dtype(v.dtype).name}{list(v.shape)}' for k, v in ocp.tree.to_flat_dict(tree).items()
+          if v is not None}
+
+
+def tree_mismatch(saved_tree, target) -> str:
+  """'' when the checkpoint holds exactly the arrays of `target` (paths, shapes, dtypes), else the
+  first differences. Checked before reading: Orbax refuses other paths and shapes, but casts other
+  dtypes silently, and a cast state would then fail its fingerprint and pass for damage."""
+  saved, want = _arrays(saved_tree), _arrays(target)
+  name = lambda k: '.'.join(map(str, k))
+  problems = ([f'{name(k)} is not in the checkpoint' for k in want if k not in saved] +
+              [f'{name(k)} is only in the checkpoint' for k in saved if k not in want] +
+              [f'{name(k)} is {saved[k]} in the checkpoint, {want[k]} now' for k in want
+               if k in saved and saved[k] != want[k]])
+  more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+  return '; '.join(problems[:3]) + more
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's value on every process (folder listings may differ between hosts: its view rules)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _worst(kind: int) -> int:
+  """The worst outcome any process saw, on every process: all of them then act alike."""
+  if jax.process_count() == 1:
+    return kind
+  return int(np.max(multihost_utils.process_allgather(np.int32(kind))))
+
+
+@dataclasses.dataclass
+class _Attempt:
+  kind: int
+  reason: str = ''
+  meta: Any = None
+  state: Any = None
+  data: Any = None
+
+
+def _seen(attempt: _Attempt, step: int) -> int:
+  """attempt.kind, logged where it went wrong when other processes will only learn the kind."""
+  if jax.process_count() > 1 and attempt.kind != OK:
+    log.error('process %d, checkpoint %d: %s', jax.process_index(), step, attempt.reason)
+  return attempt.kind
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -120,6 +249,9 @@ class Checkpointer:
       self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
     except OSError as e:
       raise CheckpointError(f'cannot use checkpoint folder {self.directory}: {e}') from None
+    # Restores go to the item handlers directly: the manager's restore ends in a barrier of all
+    # processes, which one that failed before it would never reach.
+    self._state_handler, self._json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -127,8 +259,14 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def _step_dir(self, step: int):
+    return epath.Path(self.directory) / str(step)
+
+  def corrupt_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'corrupt')
+
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return self._json_handler.restore(self._step_dir(step) / 'meta', args=ocp.args.JsonRestore())
 
   def save(self, step: int, state, data_state, num_shards: int, config: dict, meta: dict):
     """Starts a (background) save; raises CheckpointError if this or an earlier save failed."""
@@ -142,29 +280,79 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint of step {step} to {self.directory} failed: '
                             f'{type(e).__name__}: {str(e).splitlines()[0][:300]}') from e
 
-  def _restore(self, step, abstract_state, shards):
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=DataStateRestore(list(shards.indices), shards.num_shards),
-                              config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-    out = self.manager.restore(step, args=args)
-    return out['state'], out['data'], out['config'], out['meta']
+  def _read(self, step, abstract_state, shards) -> _Attempt:
+    """This process's part of a restore, without collectives (a failure cannot strand the others)."""
+    folder = self._step_dir(step)
+    try:
+      meta = self.read_meta(step)
+      mismatch = tree_mismatch(self._state_handler.metadata(folder / 'state').tree, abstract_state)
+      if mismatch:
+        return _Attempt(MISMATCH, mismatch, meta)
+      state = self._state_handler.restore(folder / 'state', args=ocp.args.StandardRestore(abstract_state))
+      data = DataStateHandler().restore(folder / 'data', DataStateRestore(list(shards.indices), shards.num_shards))
+      return _Attempt(OK, '', meta, state, data)
+    except Exception as e:  # pylint: disable=broad-except  (sorted into corrupt / failed, never ignored)
+      return _Attempt(CORRUPT if proves_corruption(e) else FAILED, _describe(e))
+
+  def _verify(self, attempt: _Attempt, mesh_shape) -> _Attempt:
+    """The fingerprint check (a computation over all processes' devices)."""
+    try:
+      saved = attempt.meta.get('fingerprint')
+      if saved is None:  # Written before fingerprints: nothing to check against, no proof of damage.
+        log.warning('checkpoint meta has no fingerprint; the restored state is not verified')
+        return attempt
+      same_mesh = list(attempt.meta.get('mesh', [])) == list(mesh_shape)
+      if _fingerprint_matches(saved, fingerprint(attempt.state), same_mesh):
+        return attempt
+      return _Attempt(CORRUPT, 'the state does not match the fingerprint written with it (damaged or tampered files)')
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: proves nothing)
+      return _Attempt(FAILED, _describe(e))
+
+  def _attempt(self, step, abstract_state, mesh_shape, shards) -> _Attempt:
+    """Reads and verifies `step`; every process ends with the same kind."""
+    attempt = self._read(step, abstract_state, shards)
+    kind = _worst(_seen(attempt, step))
+    if kind == OK:
+      attempt = self._verify(attempt, mesh_shape)
+      kind = _worst(_seen(attempt, step))
+    if kind != attempt.kind:
+      here = f'; here: {attempt.reason}' if attempt.reason else ''
+      return _Attempt(kind, f'another process failed on it (see its log){here}', attempt.meta)
+    return attempt
 
   def restore_latest_good(self, abstract_state, mesh_shape, shards):
-    """(state, data_state, config, meta, step) of the newest checkpoint that restores and matches
-    its fingerprint, or None when there is no checkpoint. Bad steps are moved aside, not deleted.
+    """(state, data_state, meta, step) of the newest checkpoint that restores and matches its
+    fingerprint, or None when there is no checkpoint. Proven-corrupt steps are moved aside, not
+    deleted; StateMismatch, RestoreFailed and NothingRestorable otherwise (module docstring).
     shards: DataShards, the data shards this process reads."""
-    for step in reversed(self.steps()):
-      try:
-        state, data_state, config, meta = self._restore(step, abstract_state, shards)
-        same_mesh = list(meta.get('mesh', [])) == list(mesh_shape)
-        if not _fingerprint_matches(meta['fingerprint'], fingerprint(state), same_mesh):
-          raise ValueError('the state does not match the fingerprint written with it (tampered?)')
-        return state, data_state, config, meta, step
-      except Exception as e:  # pylint: disable=broad-except  (any failure means: do not use this step)
-        self._quarantine(step, e)
-    if self.steps():
-      raise CheckpointError(f'no readable checkpoint in {self.directory}')
+    moved = []
+    step = _from_process_0(max(self.steps(), default=-1))
+    while step >= 0:
+      attempt = self._attempt(step, abstract_state, mesh_shape, shards)
+      if attempt.kind == OK:
+        return attempt.state, attempt.data, attempt.meta, step
+      if attempt.kind == MISMATCH:
+        raise StateMismatch(step, attempt.reason, (attempt.meta or {}).get('config', {}))
+      if attempt.kind == FAILED:
+        raise RestoreFailed(f'could not restore checkpoint {step} from {self.directory}: {attempt.reason}; that does '
+                            'not prove it corrupt, so nothing was moved: fix the cause and run again')
+      moved.append(self._quarantine(step, attempt.reason))
+      step = _from_process_0(max((s for s in self.steps() if s < step), default=-1))
+    if moved or _from_process_0(int(bool(self.quarantined()))):
+      raise self._nothing_restorable(moved)
     return None
+
+  def quarantined(self) -> list:
+    """Names of the steps moved aside into corrupt/ (by this run or an earlier one)."""
+    folder = self.corrupt_dir()
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+  def _nothing_restorable(self, moved) -> NothingRestorable:
+    names = self.quarantined()
+    what = (f'every checkpoint in {self.directory} was corrupt' if moved else
+            f'{self.directory} holds no checkpoint, but earlier runs moved checkpoints aside as corrupt')
+    return NothingRestorable(f'{what}: {len(names)} in {self.corrupt_dir()} ({", ".join(names[:5])}'
+                             f'{", ..." if len(names) > 5 else ""})')
 
   def restore_state(self, abstract_state, step=None):
     """(state, step) of the given or newest step, state only (sampling, evaluation)."""
@@ -174,14 +362,17 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return out['state'], step
 
-  def _quarantine(self, step, error):
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(os.path.dirname(self.directory), 'corrupt', f'{step}-{int(time.time())}')
-    log.error('checkpoint %d is unusable (%s: %s); moved to %s, trying the previous one', step,
-              type(error).__name__, str(error).splitlines()[0][:200] if str(error) else '', dst)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    shutil.move(src, dst)
+  def _quarantine(self, step, reason) -> str:
+    """Process 0 moves the step into corrupt/; the others wait for it, then all re-list."""
+    dst = os.path.join(self.corrupt_dir(), f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      log.error('checkpoint %d is corrupt (%s); moved to %s, trying the previous one', step, reason, dst)
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'tmdm: checkpoint {step} moved aside')
     self.manager.reload()
+    return dst
 
   def wait(self):
     """Blocks until background saves finish; raises CheckpointError if one failed."""
@@ -197,3 +388,4 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      self._state_handler.close()

@@ -81,7 +81,7 @@ def prepare(args, overrides):
 
 
 def train_cmd(args, overrides):
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  _start_distributed(args)
   cfg = config_lib.load(args.config, overrides, num_devices=jax.device_count(),
                         process_count=jax.process_count())
   final = train.run(cfg, args.workdir)
@@ -89,7 +89,18 @@ def train_cmd(args, overrides):
   return 0
 
 
+def _distributed_args(p):
+  p.add_argument('--coordinator', default='', help='multi-process: coordinator host:port (else detected)')
+  p.add_argument('--num_processes', type=int, default=0, help='multi-process: number of processes')
+  p.add_argument('--process_id', type=int, default=-1, help='multi-process: this process (0-based)')
+
+
+def _start_distributed(args):
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def sample(args, overrides):
+  _start_distributed(args)
   samples = generate.sample_command(args.workdir, task=args.task, prompts=args.prompt, inputs=args.input, n=args.n,
                                     out_dir=args.out, seed=args.seed, overrides=overrides)
   for i, smp in enumerate(samples):
@@ -154,9 +165,7 @@ def _prepare_args(p):
 def _train_args(p):
   _config_arg(p)
   p.add_argument('--workdir', required=True, help='run folder: checkpoints, metrics, config')
-  p.add_argument('--coordinator', default='', help='multi-process: coordinator host:port (else detected)')
-  p.add_argument('--num_processes', type=int, default=0, help='multi-process: number of processes')
-  p.add_argument('--process_id', type=int, default=-1, help='multi-process: this process (0-based)')
+  _distributed_args(p)
 
 
 def _sample_args(p):
@@ -172,10 +181,12 @@ def _sample_args(p):
   p.add_argument('--n', type=int, default=0, help='samples per prompt, or held-out pairs (default: sample.num)')
   p.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples/TASK)')
   p.add_argument('--seed', type=int, default=0, help='random seed')
+  _distributed_args(p)
 
 
 def eval_cmd(args, overrides):
   from tmdm import evaluate  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
   results = evaluate.eval_command(args.workdir, overrides, out_path=args.out)
   for k, v in results.items():
     print(f'{k:32s} {v:.5g}' if isinstance(v, float) else f'{k:32s} {v}')
@@ -185,6 +196,7 @@ def eval_cmd(args, overrides):
 def _eval_args(p):
   p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
   p.add_argument('--out', default=None, help='JSON of the results (default: WORKDIR/eval_STEP.json)')
+  _distributed_args(p)
 
 
 def sample_sweep(args, overrides):

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import os
 
@@ -153,6 +154,29 @@ def resolve_mesh(mesh_cfg, num_devices: int) -> MeshShape:
     raise ConfigError(f'mesh {shape.data}x{shape.fsdp}x{shape.tensor} (data x fsdp x tensor) = {shape.size} '
                       f'devices is {word} than the {num_devices} visible devices')
   return shape
+
+
+# Keys that change how a step is computed, never what the train state holds: a resume may change
+# them. model.scan_layers is not one: nn.scan stacks the blocks' parameters under `blocks` where the
+# unrolled model has block_0, block_1, ...; nor is model.compute_dtype (it changes the function
+# trained). Sections outside STATE_SECTIONS (train.microbatches, mesh.*, data.*, ...) are not compared.
+EXECUTION_ONLY = frozenset({'model.remat', 'model.loss_chunk', 'model.attention_impl', 'model.splash_block_q',
+                            'model.splash_block_kv', 'model.splash_block_q_bwd', 'model.splash_block_kv_bwd',
+                            'model.splash_fused_bwd'})
+STATE_SECTIONS = ('model', 'vocab', 'optim')  # The sections that shape the train state.
+
+
+def changed_keys(saved: dict, cfg, sections) -> list:
+  """(key, saved value, config's value) of each key of `sections` whose value in `saved` (a config
+  dict written to JSON, e.g. a checkpoint's) differs from cfg's; execution-only keys left out."""
+  out = []
+  for section in sections:
+    now = cfg[section].to_dict()
+    for key, value in saved.get(section, {}).items():
+      name = f'{section}.{key}'
+      if name not in EXECUTION_ONLY and json.loads(json.dumps(now.get(key))) != value:  # tuples saved as lists
+        out.append((name, value, now.get(key)))
+  return out
 
 
 def rows_per_step(cfg) -> int:

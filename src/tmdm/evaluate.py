@@ -24,9 +24,10 @@
 import logging
 import math
 
+import jax
 import numpy as np
 
-from tmdm import checkpoint as checkpoint_lib, config_lib, eval_metrics as em, generate, train, train_state, train_step
+from tmdm import config_lib, eval_metrics as em, generate, train, train_state, train_step
 from tmdm.modalities import image as image_mod
 
 log = logging.getLogger('tmdm')
@@ -38,8 +39,7 @@ def elbo(ctx: generate.Context, settings=None) -> dict:
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   focus = train.focus_ids(ctx.cfg, train.check_data(ctx.cfg), s.vocab)
   _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1, focus_ids=focus)
-  n = config_lib.num_data_shards(ctx.cfg, 1)
-  val = train.eval_batches(s, checkpoint_lib.DataShards(tuple(range(n)), n))
+  val = train.eval_batches(s, train.data_shards(ctx.cfg))  # This process's shards of the validation split.
   return train.evaluate(eval_fn, ctx.params, val, ctx.cfg.seed + 1)
 
 
@@ -252,6 +252,8 @@ def eval_command(workdir, overrides=(), out_path=None) -> dict:
   ctx = generate.Context.from_workdir(workdir, overrides)
   results = {'step': ctx.step, **run(ctx, names(ctx.cfg.eval.tasks))}
   out_path = out_path or os.path.join(workdir, f'eval_{ctx.step}.json')
+  if jax.process_index() != 0:  # Every process computed the same numbers; one writes them.
+    return results
   with open(out_path, 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2)
   for task, samples in ctx.last.items():

@@ -20,7 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from tmdm import base_config, checkpoint as checkpoint_lib, config_lib, optim, tasks as tasks_lib, train, train_state
+from tmdm import base_config, checkpoint as checkpoint_lib, config_lib, optim, sharding as sharding_lib
+from tmdm import tasks as tasks_lib, train, train_state
 from tmdm.data import mixture, store
 from tmdm.diffusion import sampling
 from tmdm.modalities import spec, text
@@ -139,7 +140,7 @@ class Context:
         self._samplers[key] = self.sampler(spec_).lower(self.params, batch, rng, knobs).compile()
       start = time.perf_counter()
       out, used = self._samplers[key](self.params, batch, rng, knobs)
-      out = np.asarray(jax.device_get(out))
+      out = sharding_lib.fetch(out)  # Every process gets every row (multi-process sampling).
       seconds += time.perf_counter() - start
       outs.append(out[:n])
       passes += int(used)
@@ -264,6 +265,8 @@ def sample_command(workdir, *, task='text', prompts=(), inputs=(), n=0, out_dir=
   spec_, knobs = ctx.settings(task)
   samples, info = generate(ctx, task, seed=seed, settings=(spec_, knobs), **kwargs)
   out_dir = out_dir or os.path.join(workdir, 'samples', task)
+  if jax.process_index() != 0:  # Every process sampled the same rows; one writes them.
+    return samples
   page = gallery.write(out_dir, samples, title=f'{task} samples of {workdir} (step {ctx.step})',
                        audio_rate=ctx.cfg.audio.sample_rate, settings=dataclasses.asdict(spec_) | knobs._asdict())
   log.info('%d %s samples in %.1f s (%d forward passes) -> %s', len(samples), task, info['seconds'],

@@ -18,14 +18,32 @@ class NonFiniteError(RunError):
 
 
 class Preemption:
-  """SIGTERM / SIGINT set a flag that the loop reads between steps (save, then exit cleanly). On
-  several processes JAX's preemption sync point makes them all stop at the same step."""
+  """One stop decision for every process: save, then exit cleanly, all after the same step.
+
+  SIGTERM / SIGINT set this process's flag (`signal`). The flag is this process's vote: it rides in
+  the process's rows of the next batch (`vote`), the train step reduces the votes of all rows (its
+  'stop' metric, a max), and the loop counts that metric one step late like every other (`count`).
+  Every process reads the same reduced value at the same step, so a signal that reached one host
+  stops all of them after the same step (on its own it would stop early and leave the others hanging
+  in the save's collectives). The price: the stop comes one or two steps after the signal. JAX's
+  preemption sync point (TPU / SLURM notices) is consistent across processes by itself and stops
+  them too (`reached`)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.signal = None
+    self.signal = None  # This process's signal.
+    self.stop = False  # The decision all processes share.
+    self.reason = None
     self._previous = {}
+
+  def vote(self) -> int:
+    return int(self.signal is not None)
+
+  def count(self, stop_metric):
+    """The train step's 'stop' metric (max over every process's vote)."""
+    if float(stop_metric) > 0 and not self.stop:
+      self.stop, self.reason = True, self.signal or 'a signal to another process'
 
   def __enter__(self):
     for sig in self.SIGNALS:
@@ -47,14 +65,15 @@ class Preemption:
     log.warning('%s received: saving a checkpoint at the end of this step, then stopping', self.signal)
 
   def reached(self, step: int) -> bool:
+    """Whether every process stops after `step`. Call it at every step on every process."""
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       try:
         if multihost_utils.reached_preemption_sync_point(step):
-          self.signal = self.signal or 'preemption notice'
+          self.stop, self.reason = True, self.reason or 'preemption notice'
       except RuntimeError:  # The preemption service is not running (no TPU/SLURM notice).
         pass
-    return self.signal is not None
+    return self.stop
 
 
 class NonFiniteStreak:

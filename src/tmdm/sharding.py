@@ -89,3 +89,14 @@ def tree_shardings(sharder: Sharder, logical_tree):
   """PartitionSpec-of-logical-names tree (from nn.get_partition_spec) -> NamedSharding tree."""
   return jax.tree.map(lambda spec: sharder.named(tuple(spec)), logical_tree,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def fetch(tree):
+  """Host numpy copies of arrays, right on several processes: an array sharded over devices of other
+  processes (a batch-sharded sample) is all-gathered, so every process gets the whole array."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)

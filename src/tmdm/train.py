@@ -76,7 +76,7 @@ def data_seed(cfg) -> int:
   return cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
 
 
-def _shards(cfg) -> checkpoint_lib.DataShards:
+def data_shards(cfg) -> checkpoint_lib.DataShards:
   """The data shards this process reads (data.num_shards fixed: the same order on any process count)."""
   total = config_lib.num_data_shards(cfg, jax.process_count())
   owned = pipeline.owned_shards(total, jax.process_index(), jax.process_count())
@@ -159,14 +159,11 @@ def _tokenizer_hashes(manifests: dict) -> dict:
 
 def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
   """Config-level mismatches between a checkpoint and this run: one-line errors, nothing moved."""
-  saved_cfg = meta.get('config', {})
-  for section in ('model', 'vocab'):
-    now = cfg[section].to_dict()
-    for key, value in saved_cfg.get(section, {}).items():
-      if now.get(key) != value:
-        raise config_lib.ConfigError(
-            f'the checkpoint in {ckpt_dir} has {section}.{key}={value!r} but the config says {now.get(key)!r}; '
-            'use a new --workdir or the same model')
+  changed = config_lib.changed_keys(meta.get('config', {}), cfg, ('model', 'vocab'))
+  if changed:
+    name, value, now = changed[0]
+    raise config_lib.ConfigError(f'the checkpoint in {ckpt_dir} has {name}={value!r} but the config says {now!r}; '
+                                 'use a new --workdir or the same model')
   hashes = _tokenizer_hashes(manifests)
   for name, fields in meta.get('tokenizers', {}).items():
     for field, digest in fields.items():
@@ -179,8 +176,35 @@ def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
                                  f'this run has {shards.num_shards}: set --config.data.num_shards={meta["num_shards"]}')
 
 
+def _mismatch_error(e: checkpoint_lib.StateMismatch, cfg, ckpt_dir) -> config_lib.ConfigError:
+  """The config keys behind a train state that differs from the checkpoint's, in one line."""
+  changed = config_lib.changed_keys(e.saved_config, cfg, config_lib.STATE_SECTIONS)
+  keys = ', '.join(f'{name} ({value!r} in the checkpoint, {now!r} now)' for name, value, now in changed)
+  cause = (f'the config differs from the checkpoint\'s in {keys}: set them back or use a new --workdir' if keys else
+           'no config key differs from the checkpoint\'s (was the code changed?)')
+  return config_lib.ConfigError(f'checkpoint {e.step} in {ckpt_dir} holds another train state than this run builds; '
+                                f'{cause} (nothing was moved; {e.detail})')
+
+
+def _restore(s: Setup, ckpt, shards):
+  """restore_latest_good's answer, with its refusals in the config's terms."""
+  target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
+  try:
+    return ckpt.restore_latest_good(target, s.mesh_shape.as_tuple(), shards)
+  except checkpoint_lib.StateMismatch as e:
+    raise _mismatch_error(e, s.cfg, ckpt.directory) from None
+  except checkpoint_lib.NothingRestorable as e:
+    if not s.cfg.checkpoint.allow_fresh_start:  # A run never starts over by itself: it would lose the run.
+      raise checkpoint_lib.NothingRestorable(
+          f'{e}; not starting over from step 0: put a good checkpoint back, or set '
+          '--config.checkpoint.allow_fresh_start=true to train from scratch') from None
+    log.warning('%s; starting from step 0 (checkpoint.allow_fresh_start)', e)
+    return None
+
+
 def init_or_restore(s: Setup, ckpt, data_iter, manifests, shards, *, restore_data=True):
-  """(state, first step): the newest good checkpoint, or a fresh sharded init."""
+  """(state, first step): the newest good checkpoint, or a fresh sharded init when there is no
+  checkpoint (or none restores and checkpoint.allow_fresh_start is set)."""
   latest = ckpt.latest_step()
   if latest is not None:
     try:
@@ -188,15 +212,23 @@ def init_or_restore(s: Setup, ckpt, data_iter, manifests, shards, *, restore_dat
     except Exception:  # pylint: disable=broad-except  (unreadable meta: restore_latest_good handles it)
       meta = {}
     _check_resumable(meta, s.cfg, manifests, shards, ckpt.directory)
-  target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
-  found = ckpt.restore_latest_good(target, s.mesh_shape.as_tuple(), shards)
+  found = _restore(s, ckpt, shards)
   if found is None:
     return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
-  state, data_state, _, _, step = found
+  state, data_state, _, step = found
   if restore_data:
     data_iter.set_state(data_state)
   log.info('resumed from step %d in %s', step, ckpt.directory)
   return state, step
+
+
+def _global_batch(local: dict, sharder, stop_vote: int) -> dict:
+  """A process-local batch as global arrays, plus this process's stop vote in each of its rows
+  (resilience.Preemption)."""
+  batch = pipeline.to_global(local, sharder)
+  votes = np.full((len(local['tokens']),), stop_vote, np.int32)
+  batch['stop'] = jax.make_array_from_process_local_data(sharder.batch(1), votes)
+  return batch
 
 
 class _Window:
@@ -208,6 +240,7 @@ class _Window:
   def add(self, metrics):
     metrics = dict(metrics)
     self.hparams = metrics.pop('hparams')  # Not summed: the newest step's values are logged.
+    metrics.pop('stop', None)  # Read by the loop, not logged.
     self.sums = metrics if self.sums is None else jax.tree.map(lambda a, b: a + b, self.sums, metrics)
     self.steps += 1
 
@@ -238,7 +271,7 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(cfg.to_dict(), f, indent=2)
 
-  shards = _shards(cfg)
+  shards = data_shards(cfg)
   data_iter, skips = train_iterator(s, shards)
   val = eval_batches(s, shards)
   ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(workdir, 'checkpoints'),
@@ -251,7 +284,7 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
   step_fn, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
                                           cfg.train.microbatches, cfg.train.fault_nonfinite_steps,
                                           focus_ids=focus_ids(cfg, manifests, s.vocab))
-  batch = pipeline.to_global(next(data_iter), s.sharder)
+  batch = _global_batch(next(data_iter), s.sharder, stop_vote=0)
   t0 = time.perf_counter()
   step_fn = step_fn.lower(state, batch).compile()
   jax.block_until_ready(checkpoint_lib.fingerprint(state))  # Compiled now, not inside the first save.
@@ -308,27 +341,35 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
     with resilience.Preemption() as preemption:
       for step in range(start, cfg.train.num_steps):
         if step > start:
-          batch = pipeline.to_global(next(data_iter), s.sharder)
+          batch = _global_batch(next(data_iter), s.sharder, preemption.vote())
         data_state = data_iter.get_state()
         state, metrics = step_fn(state, batch)
         window.add(metrics)
         if previous is not None:  # One step late: the device is already busy with this step.
           streak.update(previous['nonfinite'], step)
+          preemption.count(previous['stop'])
         previous = metrics
         if pending is not None:
           last = flush(pending)
           pending = None
         done = step + 1
         bar.update(1)
+        scheduled = done % cfg.checkpoint.every_steps == 0 or done == cfg.train.num_steps
+        if scheduled:  # Know this step's flags before saving it (every process reads the same values).
+          flags = jax.device_get({k: metrics[k] for k in ('nonfinite', 'stop')})
+          streak.update(flags['nonfinite'], done)
+          preemption.count(flags['stop'])
+          previous = None
         stopping = preemption.reached(done)
         if done % cfg.train.log_every_steps == 0 or done == cfg.train.num_steps or stopping:
           pending, window = (done, window), _Window()
-        if done % cfg.checkpoint.every_steps == 0 or done == cfg.train.num_steps or stopping:
-          streak.update(jax.device_get(metrics['nonfinite']), done)  # Know this step before saving it.
-          previous = None
+        if scheduled or stopping:
+          if previous is not None:
+            streak.update(jax.device_get(metrics['nonfinite']), done)
+            previous = None
           save(done, data_state)
         if stopping:
-          log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.signal,
+          log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.reason,
                       done)
           break
         if cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0 and done < cfg.train.num_steps:
@@ -338,7 +379,7 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
           writer.write(done, evaluate_lib.during_training(s, state.params, done))
       if pending is not None:
         last = flush(pending)
-      if val and not preemption.signal:
+      if val and not preemption.stop:
         final_eval = evaluate(eval_fn, state.params, val, cfg.seed + 1)
         writer.write(cfg.train.num_steps, final_eval)
         last.update(final_eval)
@@ -351,6 +392,6 @@ def _run(cfg, workdir: str, fresh_data: bool) -> dict:
       if cfg.checkpoint.on_error == 'stop' and sys.exc_info()[0] is None:
         raise
       log.error('%s', e)
-  if preemption.signal:
+  if preemption.stop:
     last['preempted'] = 1.0
   return last

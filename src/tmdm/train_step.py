@@ -90,8 +90,11 @@ def _skip_unless(finite, new, old):
 def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder, microbatches,
                fault_steps=()):
   """One optimizer step. A non-finite loss or gradient skips the update (parameters and optimizer
-  moments stay as they were, step counts advance: `_skip_unless`) and reports `nonfinite` = 1; `fault_steps` injects NaN gradients at
-  those steps (fault-injection tests)."""
+  moments stay as they were, step counts advance: `_skip_unless`) and reports `nonfinite` = 1;
+  `fault_steps` injects NaN gradients at those steps (fault-injection tests). A batch key 'stop'
+  ([B] votes, resilience.Preemption) comes back as the metric 'stop', the max over all rows."""
+  batch = dict(batch)
+  votes = batch.pop('stop', None)  # resilience.Preemption: every process's stop vote, one per row
   rng = jax.random.fold_in(state.rng, state.step)
   grads, sums = grads_and_sums(state.params, batch, rng, model=model, diff_cfg=diff_cfg, vocab=vocab,
                                sharder=sharder, microbatches=microbatches)
@@ -107,6 +110,8 @@ def train_step(state: TrainState, batch, *, model, tx, diff_cfg, vocab, sharder,
   metrics = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), dict(sums, grad_norm=grad_norm))
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   metrics['hparams'] = optim.live_hyperparams(opt_state)  # lr, b1, b2, eps, ... this update used
+  if votes is not None:
+    metrics['stop'] = jnp.max(votes).astype(jnp.float32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -128,7 +133,7 @@ def jit_steps(model, tx, diff_cfg, vocab_spec, sharder: sharding_lib.Sharder, st
   """Jitted (train_step, eval_sums) with explicit shardings; the train step donates the state.
   The eval function takes `mode=` (corruption.EVAL_MODES), one compiled program per mode."""
   common = dict(model=model, diff_cfg=diff_cfg, vocab=vocab_spec, sharder=sharder)
-  batch_sh = {k: sharder.batch() for k in BATCH_KEYS}
+  batch_sh = sharder.batch(1)  # A prefix: rows over the batch axes for every key ([B, L] rows, [B] votes).
   rep = sharder.replicated
   step = jax.jit(functools.partial(train_step, tx=tx, microbatches=microbatches, fault_steps=tuple(fault_steps),
                                    **common),

@@ -125,7 +125,9 @@ def test_corrupt_checkpoint_falls_back_to_previous(text_data, tmp_path, damage):
       for i in range(len(data) // 3, len(data) // 3 + 64, 8):
         f.seek(i)
         f.write(bytes([data[i] ^ 0x01]))
+  before = len(metrics.read_jsonl(os.path.join(broken, 'metrics.jsonl')))
   train.run(_cfg(text_data, **kv), broken)  # resumes from 4, redoes 5..8
+  assert metrics.read_jsonl(os.path.join(broken, 'metrics.jsonl'))[before]['step'] == 5  # first step after 4
   quarantined = os.listdir(os.path.join(broken, 'corrupt'))
   assert len(quarantined) == 1 and quarantined[0].startswith('8-')
   a, b = _losses(straight), _losses(broken)

@@ -1,0 +1,167 @@
+"""Restores that never lose a run: only proven damage moves a checkpoint aside; a config change, a
+read error or a memory error stops the run with one line and moves nothing; a run whose every
+checkpoint is corrupt stops instead of starting over (unless checkpoint.allow_fresh_start).
+
+The end-to-end tests start from copies of one 4-step run with checkpoints at steps 2 and 4, and
+assert the step each resume started from (metrics.jsonl: the first row a run writes is step + 1).
+A truncated array file falling back to the previous step: test_faults.py."""
+
+import errno
+import json
+import os
+import shutil
+
+import orbax.checkpoint as ocp
+import pytest
+
+from tmdm import checkpoint, config_lib, metrics, train
+from test_faults import SMOKE, _cfg, _largest_file
+
+BASE = {'train.num_steps': 4, 'train.log_every_steps': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 3,
+        'train.eval_batches': 0}
+
+
+@pytest.fixture(scope='module')
+def two_checkpoints(text_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('base') / 'run')
+  train.run(_cfg(text_data, **BASE), workdir)
+  return workdir
+
+
+@pytest.fixture
+def run_dir(two_checkpoints, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(two_checkpoints, workdir)
+  return workdir
+
+
+def _rows(workdir):
+  return [r for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in r]
+
+
+def _resume(text_data, workdir, **kv):
+  """Runs on in `workdir`; returns the step it started from (0: from scratch)."""
+  before = len(_rows(workdir))
+  train.run(_cfg(text_data, **dict(BASE, **kv)), workdir)
+  return _rows(workdir)[before]['step'] - 1
+
+
+def _checkpoints(workdir):
+  return sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+def _quarantined(workdir):
+  folder = os.path.join(workdir, 'corrupt')
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _truncate(path):
+  with open(path, 'rb+') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _wrapped(e):
+  """As Orbax raises TensorStore errors: a bare Exception caused by them."""
+  wrapped = Exception('Encountered error while reading array index')
+  wrapped.__cause__ = e
+  return wrapped
+
+
+@pytest.mark.parametrize('error, corrupt', [
+    (_wrapped(ValueError('OUT_OF_RANGE: Error reading "params.w/0.0": Requested byte range [0, 9) is not valid')), True),
+    (ValueError('DATA_LOSS: Error decoding manifest'), True),
+    (ValueError('NOT_FOUND: Metadata at "step/.zarray" does not exist'), True),
+    (ValueError('FAILED_PRECONDITION: Error reading "params.w/0.0": Truncated Zstd-compressed stream'), True),
+    (FileNotFoundError('Metadata file (named _METADATA) does not exist'), True),
+    (json.JSONDecodeError('Expecting value', '{', 0), True),
+    (OSError(errno.EIO, 'Input/output error'), False),
+    (PermissionError(errno.EACCES, 'Permission denied'), False),
+    (MemoryError(), False),
+    (_wrapped(ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 4GiB')), False),
+    (ValueError('UNAVAILABLE: connection reset'), False),
+    (ValueError('FAILED_PRECONDITION: generation mismatch'), False),
+    (ValueError('something Orbax did not expect'), False),
+    (KeyError('state'), False),
+])
+def test_only_proven_damage_counts_as_corruption(error, corrupt):
+  assert checkpoint.proves_corruption(error) == corrupt
+
+
+def test_damage_next_to_a_transient_error_is_not_proof():
+  error = _wrapped(FileNotFoundError('shard missing'))
+  error.__cause__.__context__ = OSError(errno.ETIMEDOUT, 'Connection timed out')
+  assert not checkpoint.proves_corruption(error)
+
+
+def test_execution_only_keys_do_not_block_a_resume():
+  cfg = _cfg('unused', **{'model.remat': 'full', 'model.loss_chunk': 16, 'model.attention_impl': 'xla'})
+  saved = config_lib.load(SMOKE, num_devices=8).to_dict()
+  shards = checkpoint.DataShards((0,), 1)
+  train._check_resumable({'config': saved}, cfg, {}, shards, 'ckpt')  # pylint: disable=protected-access
+  assert config_lib.changed_keys(saved, cfg, config_lib.STATE_SECTIONS) == []
+  cfg.model.scan_layers = True  # Not execution-only: nn.scan stacks the parameters.
+  with pytest.raises(config_lib.ConfigError, match='model.scan_layers=False'):
+    train._check_resumable({'config': saved}, cfg, {}, shards, 'ckpt')  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_changed_optimizer_state_is_one_config_line_and_moves_nothing(text_data, run_dir):
+  with pytest.raises(config_lib.ConfigError, match=r'optim\.ema \(0\.0 in the checkpoint, 0\.999 now\)') as e:
+    train.run(_cfg(text_data, **dict(BASE, **{'train.num_steps': 6, 'optim.ema': 0.999})), run_dir)
+  assert '\n' not in str(e.value) and 'nothing was moved' in str(e.value)
+  assert 'optim.lr' not in str(e.value)  # Only the keys that differ are named.
+  assert _checkpoints(run_dir) == ['2', '4'] and _quarantined(run_dir) == []
+
+
+@pytest.mark.slow
+def test_read_error_fails_the_run_and_moves_nothing(text_data, run_dir, monkeypatch):
+  real_restore, calls = ocp.StandardCheckpointHandler.restore, []
+
+  def eio_once(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise OSError(errno.EIO, 'Input/output error')
+    return real_restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'restore', eio_once)
+  with pytest.raises(checkpoint.RestoreFailed) as e:
+    train.run(_cfg(text_data, **dict(BASE, **{'train.num_steps': 6})), run_dir)
+  message = str(e.value)
+  assert 'checkpoint 4' in message and os.path.join(run_dir, 'checkpoints') in message
+  assert 'Input/output error' in message and 'nothing was moved' in message and '\n' not in message
+  assert _checkpoints(run_dir) == ['2', '4'] and _quarantined(run_dir) == []
+  assert _resume(text_data, run_dir, **{'train.num_steps': 6}) == 4  # The error has passed: nothing was lost.
+
+
+@pytest.mark.slow
+def test_all_checkpoints_corrupt_stops_unless_fresh_start_is_allowed(text_data, run_dir):
+  for step in ('2', '4'):
+    _truncate(_largest_file(os.path.join(run_dir, 'checkpoints', step, 'state')))
+  for attempt in range(2):  # The second run finds no checkpoint, only the quarantined ones: it stops too.
+    with pytest.raises(checkpoint.NothingRestorable, match='allow_fresh_start=true') as e:
+      train.run(_cfg(text_data, **BASE), run_dir)
+    assert '\n' not in str(e.value)
+    assert [q.split('-')[0] for q in _quarantined(run_dir)] == ['2', '4'] and _checkpoints(run_dir) == []
+  assert _resume(text_data, run_dir, **{'checkpoint.allow_fresh_start': 'true'}) == 0
+  assert _checkpoints(run_dir) == ['2', '4']
+
+
+@pytest.mark.slow
+def test_execution_only_changes_resume(text_data, run_dir):
+  assert _resume(text_data, run_dir, **{'train.num_steps': 6, 'model.remat': 'full'}) == 4
+  assert _resume(text_data, run_dir, **{'train.num_steps': 8, 'train.microbatches': 2}) == 6
+  assert _quarantined(run_dir) == []
+
+
+@pytest.mark.slow
+def test_two_processes_restore_the_same_step_when_only_one_sees_damage(text_data, tmp_path):
+  from test_multiprocess import _two_processes  # pylint: disable=import-outside-toplevel  (tests/, not this folder)
+  workdir = str(tmp_path / 'multi')
+  _two_processes(workdir, text_data)  # 6 steps, checkpoints at 3 and 6, data.num_shards=2
+  with open(os.path.join(workdir, 'checkpoints', '6', 'data', 'shard_1-of-2.json'), 'w') as f:
+    f.write('{"cut short')  # Only process 1 reads data shard 1.
+  outs = _two_processes(workdir, text_data)
+  assert all('resumed from step 3' in out for out in outs), outs[1][-3000:]
+  assert [q.split('-')[0] for q in _quarantined(workdir)] == ['6']
+  assert 'process 1, checkpoint 6: JSONDecodeError' in outs[1]  # Said where it was seen,
+  assert 'checkpoint 6 is corrupt' in outs[0] and 'moved to' not in outs[1]  # and process 0 alone moves it.
