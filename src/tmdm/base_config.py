@@ -68,8 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0  # RoPE base frequency.
   c.model.norm_eps = 1e-6  # RMSNorm epsilon.
   c.model.compute_dtype = 'bfloat16'  # Activations and matmuls; parameters stay float32.
-  c.model.attention_impl = 'auto'  # 'auto' (cuDNN on GPU, XLA elsewhere), 'xla' or 'cudnn'.
-  c.model.remat = 'none'  # Rematerialization per block: 'none', 'dots' (save matmul outputs), 'full'.
+  c.model.attention_impl = 'auto'  # 'auto' (splash on TPU, cuDNN on GPU in 16-bit, XLA elsewhere), 'xla', 'cudnn' or 'splash'.
+  c.model.splash_block_q = 512  # Splash attention: query rows per forward block (multiple of 128; cut to fit the row).
+  c.model.splash_block_kv = 512  # Splash attention: key/value rows per forward block (multiple of 128).
+  c.model.splash_block_q_bwd = 512  # Splash attention: query rows per block of the backward kernels (multiple of 128).
+  c.model.splash_block_kv_bwd = 512  # Splash attention: key/value rows per block of the backward kernels (multiple of 128).
+  c.model.splash_fused_bwd = False  # Splash attention: one fused backward kernel for dq, dk, dv (else separate dq and dkv).
+  c.model.remat = 'none'  # Rematerialization per block: 'none', 'dots' (save matmul outputs), 'dots_no_batch' (not attention's), 'full'.
   c.model.scan_layers = True  # Stack blocks with nn.scan (one compiled block, faster compiles).
   c.model.time_conditioning = False  # Feed t to the network (off: it infers the noise level).
   c.model.loss_chunk = 0  # Cross-entropy over chunks of this many positions, logits recomputed in the backward (0: whole rows).
@@ -152,12 +157,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True  # Write checkpoints in the background.
   c.checkpoint.dir = ''  # Checkpoint folder; '': WORKDIR/checkpoints.
   c.checkpoint.on_error = 'stop'  # A failed save: 'stop' the run, or 'warn' loudly and keep training.
+  c.checkpoint.allow_fresh_start = False  # Checkpoints exist but all are corrupt: train from step 0 (else stop).
 
   # Generation (`tmdm sample`, `tmdm eval`, `tmdm sample-sweep`; tasks in tasks.py). The sampler keys
   # at this level drive the text tasks; sample.<task> holds those of each cross-modal task. Values
   # measured by `tmdm sample-sweep --record` (sampling_defaults.json) replace the defaults below.
   c.sample = ml_collections.ConfigDict()
-  c.checkpoint.allow_fresh_start = False  # Checkpoints exist but all are corrupt: train from step 0 (else stop).
   _sampler_keys(c.sample, 'text', sampler='ancestral', steps=64, schedule='cosine', guidance=0.0)
   c.sample.num = 4  # Samples written after training / by `tmdm sample` (per prompt).
   c.sample.batch = 16  # Rows per sampling call (rounded up to a multiple of the mesh's batch shards).

@@ -242,11 +242,16 @@ def _bench_sample_args(p):
 
 def compile_check(args, overrides):
   from tmdm import compile_check as cc  # pylint: disable=import-outside-toplevel
+  meshes = [cc.parse_mesh(m) for m in args.mesh]
+  if args.fit and not args.topology:
+    raise config_lib.ConfigError('--fit searches a TPU topology: give --topology=NAME (e.g. v5e:16x16)')
+  if args.topology:  # Compile-only TPU chips on this host: no distributed start-up, no visible devices needed.
+    if args.fit:
+      return cc.fit_search(args.config, overrides, args.topology, hbm_gib=args.hbm_gib, limit=args.fit_limit)
+    return cc.run(args.config, overrides, meshes, hbm_gib=args.hbm_gib, topology=args.topology)
   distributed.initialize()  # As a job on a TPU slice or under SLURM: the target's own devices and compiler.
-  meshes = [cc.parse_mesh(m) for m in args.mesh] or [None]
-  if meshes == [None]:  # The config's own mesh on the visible devices.
-    shape = config_lib.resolve_mesh(config_lib.load(args.config, overrides).mesh, jax.device_count())
-    meshes = [shape]
+  if not meshes:  # The config's own mesh on the visible devices.
+    meshes = [config_lib.resolve_mesh(config_lib.load(args.config, overrides).mesh, jax.device_count())]
   return cc.run(args.config, overrides, meshes, hbm_gib=args.hbm_gib)
 
 
@@ -254,7 +259,15 @@ def _compile_check_args(p):
   _config_arg(p)
   p.add_argument('--mesh', action='append', default=[], metavar='D,F,T',
                  help='data,fsdp,tensor sizes (repeatable; default: the config\'s mesh on the visible devices)')
-  p.add_argument('--hbm_gib', type=float, default=0.0, help='per-device memory to check the peak against (0: off)')
+  p.add_argument('--hbm_gib', type=float, default=0.0,
+                 help='per-device memory to check the peak against (0: off; on a --topology, the compiler\'s own)')
+  p.add_argument('--topology', default='',
+                 help='compile for TPU chips from this host via libtpu: v5e:16x16, v5p:4x4x8, v6e:8x8, or v5e-256 '
+                      '(chips), v5p-256 (TensorCores); exit 1 when the step does not fit')
+  p.add_argument('--fit', action='store_true',
+                 help='with --topology: search remat, loss chunking, microbatches and the tensor split for '
+                      'settings that fit, fewest recomputed FLOPs first')
+  p.add_argument('--fit_limit', type=int, default=3, help='--fit stops after this many fitting settings')
 
 
 def scaling_cmd(args, overrides):

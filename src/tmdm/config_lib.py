@@ -16,8 +16,8 @@ import os
 import ml_collections
 
 PARAMETERIZATIONS = ('completep', 'standard')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
-REMAT_POLICIES = ('none', 'dots', 'full')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+REMAT_POLICIES = ('none', 'dots', 'dots_no_batch', 'full')
 T_SAMPLING = ('uniform', 'stratified')
 DECAYS = ('cosine', 'linear', 'constant')
 
@@ -201,6 +201,8 @@ def validate(cfg, num_devices=None, process_count=1):
         f'model.parameterization must be one of {PARAMETERIZATIONS}, got {m.parameterization!r}')
   _need(m.attention_impl in ATTENTION_IMPLS, f'model.attention_impl must be one of {ATTENTION_IMPLS}')
   _need(m.remat in REMAT_POLICIES, f'model.remat must be one of {REMAT_POLICIES}, got {m.remat!r}')
+  for k in ('splash_block_q', 'splash_block_kv', 'splash_block_q_bwd', 'splash_block_kv_bwd'):
+    _need(m[k] > 0 and m[k] % 128 == 0, f'model.{k} must be a positive multiple of 128 (TPU lanes), got {m[k]}')
   for k in ('d_model', 'n_layers', 'n_heads', 'd_head', 'd_ff', 'base_width', 'base_depth'):
     _need(m[k] > 0, f'model.{k} must be positive, got {m[k]}')
   _need(m.d_head % 2 == 0, f'model.d_head must be even for rotary embeddings, got {m.d_head}')

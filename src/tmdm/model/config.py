@@ -39,6 +39,11 @@ class ModelConfig:
   norm_eps: float = 1e-6
   compute_dtype: str = 'bfloat16'
   attention_impl: str = 'auto'
+  splash_block_q: int = 512
+  splash_block_kv: int = 512
+  splash_block_q_bwd: int = 512
+  splash_block_kv_bwd: int = 512
+  splash_fused_bwd: bool = False
   remat: str = 'none'
   scan_layers: bool = True
   time_conditioning: bool = False

@@ -1,4 +1,4 @@
-"""Transformer pieces: RMSNorm, rotary embeddings, segment-aware attention, SwiGLU, one block.
+"""Transformer pieces: RMSNorm, rotary embeddings, segment-aware attention (dense or splash), SwiGLU, one block.
 
 Legend: B rows, L positions, D d_model, H heads, K d_head, F d_ff.
 Parameters are float32 and named with logical axes (sharding.RULES); each weight is gathered over
@@ -44,10 +44,91 @@ def rope(x_BLHK, positions_BL, theta: float):
   return out.astype(x_BLHK.dtype)
 
 
-def attention_impl(cfg: ModelConfig):
+def target_platform(sharder: sharding_lib.Sharder) -> str:
+  """The platform the program is compiled for: its mesh's devices' (TPU chips of a compile-only
+  topology on a CPU host: compile_check.py), else the default backend's."""
+  if sharder.mesh is not None:
+    return sharder.mesh.devices.flat[0].platform
+  return jax.default_backend()
+
+
+def attention_impl(cfg: ModelConfig, sharder: sharding_lib.Sharder | None = None):
+  """'auto': splash on TPU, cuDNN on GPU in 16-bit compute, XLA's dense attention elsewhere."""
   if cfg.attention_impl != 'auto':
     return cfg.attention_impl
-  return 'cudnn' if jax.default_backend() == 'gpu' and cfg.dtype != jnp.float32 else 'xla'
+  platform = target_platform(sharder) if sharder is not None else jax.default_backend()
+  if platform == 'tpu':
+    return 'splash'
+  return 'cudnn' if platform == 'gpu' and cfg.dtype != jnp.float32 else 'xla'
+
+
+SPLASH_LANES = 128  # Splash blocks are multiples of the TPU's 128 lanes.
+
+
+def _splash_block(requested: int, length: int) -> int:
+  """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is at most
+  `requested`: short or odd lengths get smaller blocks instead of more padding."""
+  best = SPLASH_LANES
+  for b in range(SPLASH_LANES, min(requested, length) + 1, SPLASH_LANES):
+    if length % b == 0:
+      best = b
+  return best
+
+
+def _splash():
+  """Pallas' splash-attention modules (kernel, masks), imported on first use."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+      splash_attention_kernel, splash_attention_mask)
+  return splash_attention_kernel, splash_attention_mask
+
+
+def splash_block_sizes(cfg: ModelConfig, length: int):
+  """The kernel's BlockSizes for rows of `length` positions (a multiple of 128)."""
+  splash, _ = _splash()
+  q, kv = _splash_block(cfg.splash_block_q, length), _splash_block(cfg.splash_block_kv, length)
+  q_bwd, kv_bwd = _splash_block(cfg.splash_block_q_bwd, length), _splash_block(cfg.splash_block_kv_bwd, length)
+  dq = {} if cfg.splash_fused_bwd else dict(block_q_dq=q_bwd, block_kv_dq=kv_bwd)
+  return splash.BlockSizes(block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=q_bwd, block_kv_dkv=kv_bwd,
+                           block_kv_dkv_compute=kv_bwd, use_fused_bwd_kernel=cfg.splash_fused_bwd, **dq)
+
+
+def _splash_kernel(heads: int, length: int, block_sizes, interpret: bool):
+  splash, masks = _splash()
+  mask = masks.MultiHeadMask([masks.FullMask((length, length))] * heads)  # Bidirectional: segments do the rest.
+  return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, sharder: sharding_lib.Sharder):
+  """Pallas' splash (flash) attention kernel for TPU, no [B, H, L, L] tensor in HBM: positions
+  attend within their segment (packed documents; padding, segment 0, sees only padding), exactly
+  the dense path's mask. Rows are padded to a multiple of 128 with segment -1 (which sees only
+  itself) and cut back. Runs per batch shard under shard_map, heads split over 'tensor'; off TPU
+  (CPU tests) the kernel runs in Pallas' interpret mode."""
+  splash, _ = _splash()
+  length = q_BLHK.shape[1]
+  padded = -(-length // SPLASH_LANES) * SPLASH_LANES
+  block_sizes = splash_block_sizes(cfg, padded)
+  interpret = target_platform(sharder) != 'tpu'
+
+  def local(q, k, v, seg):
+    pad = padded - length
+    if pad:
+      q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+      seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    q = q * jnp.asarray(cfg.attn_scale, q.dtype)  # The kernel does not scale; 1 / d_head is exact in bf16.
+    kernel = _splash_kernel(q.shape[2], padded, block_sizes, interpret)
+    to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [b, L, h, K] -> [b, h, L, K]
+    seg = seg.astype(jnp.int32)
+    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, splash.SegmentIds(q=s1, kv=s1)))(
+        to_heads(q), to_heads(k), to_heads(v), seg)
+    return to_heads(out)[:, :length]
+
+  if sharder.mesh is None:
+    return local(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+  qkv_spec = sharder.spec(('batch', 'length', 'heads', 'kv'))
+  seg_spec = sharder.spec(('batch', 'length'))
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
 
 
 class Attention(nn.Module):
@@ -65,10 +146,13 @@ class Attention(nn.Module):
     q = s.constrain(rope(q, positions_BL, c.rope_theta), act_axes)
     k = s.constrain(rope(k, positions_BL, c.rope_theta), act_axes)
     v = s.constrain(v, act_axes)
-    # Bidirectional; packed documents see only themselves (segment 0, the padding, sees only padding).
-    mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-    out_BLHK = jax.nn.dot_product_attention(q, k, v, mask=mask_B1LL, scale=c.attn_scale,
-                                            implementation=attention_impl(c))
+    impl = attention_impl(c, s)
+    if impl == 'splash':
+      out_BLHK = s.constrain(splash_attention(q, k, v, segment_ids_BL, c, s), act_axes)
+    else:
+      # Bidirectional; packed documents see only themselves (segment 0, the padding, sees only padding).
+      mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+      out_BLHK = jax.nn.dot_product_attention(q, k, v, mask=mask_B1LL, scale=c.attn_scale, implementation=impl)
     wo = weight(self, 'wo', (c.n_heads, c.d_head, c.d_model), ('heads', 'kv', 'embed'), c.out_proj_std, s)
     return jnp.einsum('blhk,hkd->bld', out_BLHK, wo)
 

@@ -16,6 +16,7 @@ from tmdm.model.config import ModelConfig
 
 REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # Not QK^T, AV: no [B,H,L,L].
     'full': jax.checkpoint_policies.nothing_saveable,
 }
 
