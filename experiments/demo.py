@@ -10,10 +10,12 @@ Data: English text (fortunes + KJV Bible), handwritten digits with generated cap
 spoken by espeak-ng. Images are the digits only (`image.sources=digits,adwaita` adds the icons) so
 that the small CPU budget goes to what the text-to-image evaluator measures. The tokenizers train for
 fewer steps than the defaults (digits reach ~30 dB PSNR in a few hundred steps). Preset 'quick' is a
-short run for trying the pipeline end to end.
+short run for trying the pipeline end to end. Validation reports the caption's digit word alone as
+`eval/image/conditional/loss/focus` (train.eval_focus_words), the number that I2T depends on.
 """
 
 from tmdm import base_config
+from tmdm.modalities import image
 
 PRESETS = {'default': {}, 'quick': {'train': dict(num_steps=100)}}
 
@@ -29,7 +31,8 @@ def get_config(arg=None):
   c.audio.update(name='speech', train_steps=500)
   c.mesh.update(data=-1, fsdp=2, tensor=1)
   c.optim.update(lr=3e-3)
-  c.train.update(num_steps=3000, batch_size=16, log_every_steps=50, eval_every_steps=1000, eval_batches=2)
+  c.train.update(num_steps=3000, batch_size=16, log_every_steps=50, eval_every_steps=1000, eval_batches=2,
+                 eval_focus_words=','.join(image.NUMBER_WORDS + tuple(str(d) for d in range(10))))
   c.checkpoint.update(every_steps=500, keep=2)
   c.sample.update(num=4)
   c.eval.update(num=50)
