@@ -1,4 +1,4 @@
-"""Batch invariance of the SDE scaler (issue 4, DESIGN.md 2.4), at CPU scale.
+"""Batch invariance of the SDE scaler (issue 4, docs/design.md 2.4), at CPU scale.
 
   python launch/batch_invariance.py     # data, 14 runs (7 per seed), docs/figures/batch_invariance.png, table
   tmdm train --config=experiments/batch_invariance.py:markov-scaled-64 --workdir=runs/batch_invariance/markov-scaled-64

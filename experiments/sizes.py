@@ -14,7 +14,7 @@ settings per chip when it keeps the rows per chip (batch / chips); otherwise rer
 
 Vocabulary: a 100k SentencePiece text vocabulary plus 8192 image and 8192 audio codes (~117k ids),
 which puts ~240M of the pilot's ~320M parameters in the embeddings, as in the paper's batch-size
-pilot (DESIGN.md 2.1). Hyperparameters are CompleteP base values at width 256 / depth 4.
+pilot (docs/design.md 2.1). Hyperparameters are CompleteP base values at width 256 / depth 4.
 """
 
 from tmdm import base_config

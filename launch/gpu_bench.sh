@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Issue 8's GPU benchmark: tmdm's real train step beside the plain-JAX yardstick, same card, same call.
-#   bash launch/gpu_bench.sh [PATH/TO/plain_step.py] [PRESETS]
+#   bash launch/gpu_bench.sh PATH/TO/plain_step.py [PRESETS]
 # Prints one JSON line per run and a table of tokens/s ratios (tmdm / yardstick). Settings tried for
 # tmdm (model shape and sequence length stay the yardstick's): batch 16 with 'dots' remat, the same
 # with the chunked cross-entropy (model.loss_chunk=512), and the same with GPU_FLAGS below.
 # Not yet run on a GPU (no device was lent to the task that wrote it): see BUILD_NOTES, issue 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-YARDSTICK="${1:-../shared/bench/plain_step.py}"
+YARDSTICK="${1:?usage: bash launch/gpu_bench.sh PATH/plain_step.py [PRESETS] (the plain-JAX yardstick step)}"
 PRESETS="${2:-bench-0.5b bench-1b}"
 TMDM="${TMDM:-.venv/bin/tmdm}"
 PY="${PY:-.venv/bin/python}"

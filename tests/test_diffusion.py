@@ -1,4 +1,4 @@
-"""Schedules, corruption and the ELBO against direct float64 implementations of DESIGN.md 2.3."""
+"""Schedules, corruption and the ELBO against direct float64 implementations of docs/design.md 2.3."""
 
 import dataclasses
 

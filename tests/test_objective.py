@@ -1,7 +1,7 @@
 """The training objective against analytic values, by Monte Carlo (not the code's formula again).
 
 A context-free model has a fixed -log p(x0_i) = nll_i at every position, whatever it sees; its ELBO
-is then exactly sum_i nll_i (DESIGN.md 2.3: int_0^1 -alpha'(t) dt = 1 for every schedule). The
+is then exactly sum_i nll_i (docs/design.md 2.3: int_0^1 -alpha'(t) dt = 1 for every schedule). The
 estimator `corruption.corrupt` + `loss.elbo_sums` averaged over many rows must reproduce it for every
 schedule, with complementary pairs on and off (each copy on its own too), stratified and uniform t.
 The truncations (corruption.py) cost at most 0.1% of it; the bound asserted is 1%, and each test

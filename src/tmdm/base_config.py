@@ -125,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.max_warmup_steps = 1000  # Warmup cap, in steps of the logical batch (fixed in tokens).
   c.optim.decay = 'cosine'  # Learning-rate decay after warmup: 'cosine', 'linear' or 'constant'.
   c.optim.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak.
-  # The logical/physical batch SDE scaler (DESIGN.md 2.4): lr, b1, b2, eps, weight_decay, ema above
+  # The logical/physical batch SDE scaler (docs/design.md 2.4): lr, b1, b2, eps, weight_decay, ema above
   # are the logical batch's; D = train.num_steps * train.batch_size * data.seq_len tokens.
   c.optim.sde_scaling = True  # Rescale them to the physical batch by kappa = batch / B_logical (off: kappa = 1).
   c.optim.base_batch = 0  # Batch (sequences) the values were tuned at; 0: this run's train.batch_size (kappa = 1).

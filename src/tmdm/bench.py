@@ -1,5 +1,5 @@
 """`tmdm bench step`: tmdm's real train step (model, loss, optimizer, sharding of the trainer) on
-synthetic tokens at the shapes of the performance yardstick (../shared/bench/plain_step.py), one JSON
+synthetic tokens at the shapes of the performance yardstick (docs/design.md 3), one JSON
 line per run; with `--yardstick PATH` the yardstick runs in the same call and the ratio is printed.
 
 FLOPs per token are the yardstick's: 6 x matmul parameters + 12 x layers x seq x d (no causal

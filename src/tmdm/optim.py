@@ -1,5 +1,5 @@
 """Optimizer construction: the logical/physical batch SDE scaler, CompleteP group multipliers, and
-the optax chain built from the `optim` config section (DESIGN.md 2.1, 2.4).
+the optax chain built from the `optim` config section (docs/design.md 2.1, 2.4).
 
 Logical vs physical batch. Adam at batch B follows, to first order, one SDE; running it at batch
 kappa * B leaves that SDE unchanged under the square-root rule (Malladi et al. 2022, "On the SDEs and
@@ -270,7 +270,7 @@ def build(o, num_steps: int, group_multipliers: dict, *, batch_size=None, seq_le
   else:
     p = plan(o, num_steps=num_steps, batch_size=batch_size, seq_len=seq_len)
   tx = sde_scaled(p, lr_schedule(o, num_steps, p.warmup_frac), group_multipliers, o.name)
-  if o.clip_norm > 0:  # No SDE counterpart (DESIGN.md 2.4): applied to the raw gradient, unscaled.
+  if o.clip_norm > 0:  # No SDE counterpart (docs/design.md 2.4): applied to the raw gradient, unscaled.
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
   return tx
 

@@ -10,7 +10,7 @@ A row is a dict of [L] int32 arrays (a batch stacks rows to [B, L]):
 Text documents become `<txt> ids </txt>` and are packed (concatenate, then split at L) so rows
 carry no padding; segment ids keep packed documents from attending to each other.
 
-Pairs (image-text, audio-text) fill one row each, padded to L (DESIGN.md 2.2):
+Pairs (image-text, audio-text) fill one row each, padded to L (docs/design.md 2.2):
   text first   [T2I] <txt> caption </txt> <img> codes </img> [PAD]...   caption CONDITION, codes TARGET
   media first  [I2T] <img> codes </img> <txt> caption </txt> [PAD]...   codes CONDITION, caption TARGET
 (audio: [T2S] / [S2T] with <aud> </aud>). The order is drawn per example with the data seed. Layout

@@ -17,7 +17,7 @@ Validation fixes the mode of every row (`for_eval`): 'joint' is the ELBO of the 
 The estimator. Write r = 1 - alpha(t) for the mask rate. The ELBO of a row is
   ELBO = int_0^1 E_{mask at rate r}[ sum_{masked i} -log p(x0_i | x_r) ] dr / r        (1)
 and t ~ U[0, 1] with dr = -alpha'(t) dt turns (1) into E_t[ w(t) sum_masked nll ] with
-w(t) = -alpha'(t) / (1 - alpha(t)) (DESIGN.md 2.3). That is the first copy of every row.
+w(t) = -alpha'(t) / (1 - alpha(t)) (docs/design.md 2.3). That is the first copy of every row.
 
 Complementary pairs (`complementary=True`): the caller stacks the same rows twice ([x; x]); the
 second copy is masked exactly where the first is not, so every supervised token is predicted once

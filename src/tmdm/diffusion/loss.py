@@ -5,7 +5,7 @@
 
 w(t) = -alpha'(t) / (1 - alpha(t)) already divides by the expected masked share (1/t for the linear
 schedule); the sum is then divided by the supervised (non-pad) token count, never by the realized
-number of masked tokens, which would be a different, biased objective (DESIGN.md 2.3).
+number of masked tokens, which would be a different, biased objective (docs/design.md 2.3).
 
 Sums and counts are kept separately (`elbo_sums`) so that microbatches and log intervals add up
 exactly before the one division (`finalize`).

@@ -1,4 +1,4 @@
-"""Samplers for the masked-diffusion model: pure, jittable, sharded like the model (DESIGN.md 2.6).
+"""Samplers for the masked-diffusion model: pure, jittable, sharded like the model (docs/design.md 2.6).
 
 One engine runs every sampler: a loop of steps that each predict x0 for the masked positions and
 reveal some of them; the samplers differ only in WHICH masked positions a step reveals (SAMPLERS):
@@ -10,10 +10,10 @@ reveal some of them; the samplers differ only in WHICH masked positions a step r
   threshold   every masked position whose drawn token has probability >= tau, at least one per row
               (the number of steps adapts to the model's certainty; S caps it)
 The last step reveals whatever is left, so no [MASK] survives. Given (clean) tokens are never
-touched, and logits are restricted to each position's modality before any draw (DESIGN.md 2.2).
+touched, and logits are restricted to each position's modality before any draw (docs/design.md 2.2).
 
 Knobs of every sampler:
-  temperature, top-p   the draw is argmax(logits / T + Gumbel) in float32 (DESIGN.md 2.6: low-precision
+  temperature, top-p   the draw is argmax(logits / T + Gumbel) in float32 (docs/design.md 2.6: low-precision
                        Gumbel noise biases samples); T = 0 is greedy
   blocks               semi-autoregressive: the row is cut into blocks of `block_len` positions filled
                        left to right, each with ceil(steps / blocks) steps (long text)

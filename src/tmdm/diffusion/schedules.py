@@ -1,6 +1,6 @@
 """Noise schedules alpha(t): the probability that a token is still clean at time t in [0, 1].
 
-The continuous-time ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)) (DESIGN.md 2.3). In continuous
+The continuous-time ELBO weight is w(t) = -alpha'(t) / (1 - alpha(t)) (docs/design.md 2.3). In continuous
 time the ELBO itself does not depend on the schedule; the schedule changes which noise levels the
 Monte Carlo estimate visits and so its variance. Each modality picks its own schedule.
 

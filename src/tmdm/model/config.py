@@ -135,9 +135,9 @@ PRESETS = {
     'demo': dict(d_model=192, n_layers=4, n_heads=3, d_head=64, d_ff=512, base_width=192, base_depth=4),
     'cpu-small': dict(d_model=256, n_layers=4, n_heads=4, d_head=64, d_ff=704),  # also the yardstick's
     # Pilot of the paper's batch-size study: ~320M parameters, ~240M of them embeddings (with a
-    # ~118k joint vocabulary), width / depth = 128 (DESIGN.md 2.1).
+    # ~118k joint vocabulary), width / depth = 128 (docs/design.md 2.1).
     'pilot-320m': dict(d_model=1024, n_layers=8, n_heads=8, d_head=128, d_ff=2048),
-    # The shapes of ../shared/bench/plain_step.py (the performance yardstick).
+    # The shapes of the performance yardstick, a plain JAX step (docs/design.md 3).
     'bench-0.5b': dict(d_model=1024, n_layers=24, n_heads=16, d_head=64, d_ff=2816),
     'bench-1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),
     '1b': dict(d_model=2048, n_layers=16, n_heads=16, d_head=128, d_ff=5632),

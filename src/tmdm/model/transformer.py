@@ -2,7 +2,7 @@
 
 Legend: B rows, L positions, D d_model, V joint vocabulary (padded), M modalities.
 Input: corrupted ids, segment ids (0 = padding) and per-document positions; output: float32 logits
-[B, L, V] sharded over the vocabulary. No time input unless `time_conditioning` (DESIGN.md 2.1).
+[B, L, V] sharded over the vocabulary. No time input unless `time_conditioning` (docs/design.md 2.1).
 """
 
 import flax.linen as nn
@@ -101,7 +101,7 @@ def vocab_parallel_lookup(table_VD, tokens_BL, sharder: sharding_lib.Sharder):
 
 
 def restrict(logits_BLV, modality_BL, allowed_MV):
-  """-inf outside each position's modality range (DESIGN.md 2.2)."""
+  """-inf outside each position's modality range (docs/design.md 2.2)."""
   return jnp.where(allowed_MV[modality_BL], logits_BLV, -jnp.inf)
 
 
