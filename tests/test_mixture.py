@@ -175,3 +175,29 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
   want = (np.isin(rows['tokens'], focus) & (rows['role'] == spec.TARGET) & (rows['modality'] == spec.TEXT)).sum()
   assert cond['count/focus'] == want > 0
   assert 0 < cond['elbo_sum/focus'] < cond['elbo_sum/text']
+
+
+def test_shards_do_not_share_a_permutation(tmp_path):
+  """Slot k of every data shard must not hold neighbours in storage order (records 4j .. 4j+3 with
+  4 shards): each shard shuffles and draws its coins with a seed of its own."""
+  root = str(tmp_path / 'pairs')
+  rng = np.random.default_rng(0)
+  records = [{'text': np.array([i % 37, i // 37]), 'image': rng.integers(0, 11, 6)} for i in range(400)]
+  splits = {'train': [store.write_shard(os.path.join(root, 'train', '00000'), records, ['text', 'image'])],
+            'val': [store.write_shard(os.path.join(root, 'val', '00000'), records[:10], ['text', 'image'])]}
+  store.write_manifest(root, modality='image', fields=['text', 'image'],
+                       tokenizers={**TOK, 'image': {'name': 'f', 'codebook_size': 11, 'tokens_per_item': 6,
+                                                    'sha256': 'x'}}, splits=splits, source={})
+  def first_indices(shard):
+    ds = pipeline.pair_dataset(root, 'train', VOCAB, kind='image', seq_len=24, seed=5, p_text_first=1.0,
+                               shard_index=shard, shard_count=4)
+    it = iter(ds)
+    out = []
+    for _ in range(16):
+      text = next(it)['tokens'][2:4] - VOCAB.text_start  # [T2I] <txt> a b </txt>: a = i % 37, b = i // 37
+      out.append(int(text[1]) * 37 + int(text[0]))
+    return np.array(out)
+  slots = np.stack([first_indices(s) for s in range(4)])  # [shard, slot] record indices
+  assert all((slots[s] % 4 == s).all() for s in range(4))  # Shard s reads records s, s + 4, ...
+  neighbours = np.mean([len(set(slots[:, k] // 4)) == 1 for k in range(16)])
+  assert neighbours < 0.2, slots  # With one permutation for all shards it was 1.0.

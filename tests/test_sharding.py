@@ -78,3 +78,14 @@ def test_mesh_validation_uses_devices():
   cfg = tiny_config()
   cfg.mesh.update(data=-1, fsdp=2, tensor=2)
   assert config_lib.resolve_mesh(cfg.mesh, 8).as_tuple() == (2, 2, 2)
+
+
+def test_a_tensor_axis_spanning_processes_is_refused():
+  """Rows are fed per process, so one tensor group must live on one process."""
+  import types  # pylint: disable=import-outside-toplevel
+  dev = lambda i, proc: types.SimpleNamespace(id=i, process_index=proc)
+  within = np.array([[[dev(0, 0), dev(1, 0)], [dev(2, 1), dev(3, 1)]]])  # (1, 2, 2): each pair on one host
+  sharding.check_tensor_within_process(within)
+  across = np.array([[[dev(0, 0), dev(2, 1)], [dev(1, 0), dev(3, 1)]]])
+  with pytest.raises(ValueError, match=r'mesh.tensor=2 spans processes \[0, 1\]'):
+    sharding.check_tensor_within_process(across)

@@ -37,8 +37,21 @@ def make_mesh(shape, devices=None) -> Mesh:
   """shape: (data, fsdp, tensor)."""
   devices = jax.devices() if devices is None else devices
   n = int(np.prod(shape))
-  return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices[:n])
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices[:n])
+
+
+def check_tensor_within_process(devices_DFT):
+  """The devices of one `tensor` group share a batch shard: they must be fed the same rows. The
+  input pipeline feeds each process its own rows, so a tensor group spanning processes would see
+  different rows on its members. Raises ValueError (one line) when one does."""
+  devices_DFT = np.asarray(devices_DFT)
+  groups = devices_DFT.reshape(-1, devices_DFT.shape[-1])
+  for group in groups:
+    owners = {getattr(d, 'process_index', 0) for d in group}
+    if len(owners) > 1:
+      raise ValueError(f'mesh.tensor={devices_DFT.shape[-1]} spans processes {sorted(owners)} (devices '
+                       f'{[getattr(d, "id", d) for d in group]}): use a tensor axis of at most the devices of '
+                       'one host')
 
 
 @dataclasses.dataclass(frozen=True)

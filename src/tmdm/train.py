@@ -46,8 +46,12 @@ class Setup:
 
 def setup(cfg) -> Setup:
   mesh_shape = config_lib.resolve_mesh(cfg.mesh, jax.device_count())
-  sharder = sharding_lib.Sharder(sharding_lib.make_mesh(mesh_shape.as_tuple()),
-                                 gather_on_use=cfg.mesh.gather_on_use)
+  mesh = sharding_lib.make_mesh(mesh_shape.as_tuple())
+  try:
+    sharding_lib.check_tensor_within_process(mesh.devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  sharder = sharding_lib.Sharder(mesh, gather_on_use=cfg.mesh.gather_on_use)
   vocab = spec.VocabSpec.from_config(cfg.vocab)
   model_cfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
   t = cfg.train

@@ -21,8 +21,9 @@ Bad records (unreadable, empty, ids out of range, too long for a row) become {SK
 in the workers and are dropped and counted by a `SkipCounter` in the main process, which stops the
 run with a clear message once more than `max_fraction` of the records read were bad.
 
-Order: each process reads the records i with i % process_count == process_index, shuffled with the
-data seed and re-shuffled every epoch. Worker processes only read and convert records; packing and
+Order: data shard s of n reads the records i with i % n == s, shuffled with a seed of its own
+(`shard_seed`: the data seed and s; one permutation for every shard would put neighbouring records of
+storage, i.e. of the source, side by side in each global batch) and re-shuffled every epoch. Worker processes only read and convert records; packing and
 batching happen in the main process, so the number of workers never changes the data order.
 """
 
@@ -137,13 +138,19 @@ class PairToRow:
     return row
 
 
+def shard_seed(seed: int, shard_index: int) -> int:
+  """The seed of one data shard's shuffle and coins: depends on both, so shards never share them."""
+  return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+
+
 def pair_dataset(root, split, vocab: spec.VocabSpec, *, kind, seq_len, seed, p_text_first, shard_index=0,
                  shard_count=1, repeat=True, num_workers=0, skips=None) -> grain.IterDataset:
   """Padded pair rows of one split; infinite and shuffled when `repeat`, one ordered pass if not."""
   records = grain.MapDataset.source(store.ShardedRecords(root, split))[shard_index::shard_count]
   if repeat:
-    records = records.shuffle(seed=seed).repeat(None)
-  return _read(records.random_map(PairToRow(vocab, kind, seq_len, p_text_first), seed=seed), num_workers, skips)
+    records = records.shuffle(seed=shard_seed(seed, shard_index)).repeat(None)
+  to_row = PairToRow(vocab, kind, seq_len, p_text_first)
+  return _read(records.random_map(to_row, seed=shard_seed(seed, shard_index)), num_workers, skips)
 
 
 def _ensure_absl_flags_parsed():
@@ -171,7 +178,7 @@ def text_dataset(root, split, vocab: spec.VocabSpec, *, seq_len, seed, shard_ind
   """Packed text rows of one split; infinite and shuffled when `repeat`, one ordered pass if not."""
   records = grain.MapDataset.source(store.ShardedRecords(root, split))[shard_index::shard_count]
   if repeat:
-    records = records.shuffle(seed=seed).repeat(None)
+    records = records.shuffle(seed=shard_seed(seed, shard_index)).repeat(None)
   rows = _read(records.map(TextToRow(vocab)), num_workers, skips)
   packed = grain_exp.ConcatThenSplitIterDataset(rows, length_struct={k: seq_len for k in _PACKED})
   return packed.map(_finish_packed)
