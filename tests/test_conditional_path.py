@@ -56,7 +56,10 @@ def _trained():
   rng = np.random.default_rng(0)
   for _ in range(STEPS):
     batch = _rows(rng, ROWS, cfg.data.seq_len)
-    state, _ = step_fn(state, {k: jax.device_put(v, sharder.batch()) for k, v in batch.items()})
+    state, metrics = step_fn(state, {k: jax.device_put(v, sharder.batch()) for k, v in batch.items()})
+    # One step in flight, as in the training loop: hundreds of queued steps on the 8-device CPU
+    # backend aborted the process twice in four runs (no message from XLA).
+    jax.block_until_ready(metrics['grad_norm'])
   sampler = sampling.jit_sampler(model=model, vocab=VOCAB, diff_cfg=diff, sharder=sharder,
                                  spec=sampling.SamplerSpec(sampler='confidence'))
   return state.params, sampler, sharder, cfg.data.seq_len
