@@ -2,6 +2,7 @@
 coordinator and gloo collectives. It trains, checkpoints, resumes and must match 1 process x 8
 devices step for step (data.num_shards=2 fixes the data order across process counts)."""
 
+import json
 import os
 import re
 import shutil
@@ -28,15 +29,24 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_two(workdir, data_root, kv):
-  port = _free_port()
+def _start(args, processes=2):
+  """`python -m tmdm.cli ARGS` as one process on 8 devices or as 2 processes x 4 on a localhost
+  coordinator."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  return [subprocess.Popen(
-      [sys.executable, '-m', 'tmdm.cli', 'train', f'--config={SMOKE}', f'--workdir={workdir}', '--host_devices=4',
-       f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
-       f'--config.data.root={data_root}', *[f'--config.{k}={v}' for k, v in kv.items()]],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  if processes == 1:
+    cmds = [args + ['--host_devices=8']]
+  else:
+    port = _free_port()
+    cmds = [args + ['--host_devices=4', f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}']
+            for i in range(2)]
+  return [subprocess.Popen([sys.executable, '-m', 'tmdm.cli', *c], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for c in cmds]
+
+
+def _start_two(workdir, data_root, kv):
+  return _start(['train', f'--config={SMOKE}', f'--workdir={workdir}', f'--config.data.root={data_root}',
+                 *[f'--config.{k}={v}' for k, v in kv.items()]])
 
 
 def _two_processes(workdir, data_root, kv=None):
@@ -97,21 +107,10 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(text_data, tmp_pa
 
 def _eval_json(workdir, out, processes):
   """`tmdm eval` (validation ELBO and text infilling) on 1 process x 8 devices or 2 x 4."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  base = [sys.executable, '-m', 'tmdm.cli', 'eval', f'--workdir={workdir}', f'--out={out}',
-          '--config.eval.tasks=elbo,text_infill', '--config.eval.num=6']
-  if processes == 1:
-    cmds = [base + ['--host_devices=8']]
-  else:
-    port = _free_port()
-    cmds = [base + ['--host_devices=4', f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}']
-            for i in range(2)]
-  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for c in cmds]
+  procs = _start(['eval', f'--workdir={workdir}', f'--out={out}', '--config.eval.tasks=elbo,text_infill',
+                  '--config.eval.num=6'], processes)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0] * processes, outs[-1][-3000:]
-  import json  # pylint: disable=import-outside-toplevel
   with open(out) as f:
     return json.load(f)
 
