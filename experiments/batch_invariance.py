@@ -18,7 +18,7 @@ Data sets (the runner writes and prepares them; --data=markov,fortunes runs both
 Preset: DATA-ARM-BATCH, e.g. markov-fixed-8; the runner adds --config.seed=N for each seed.
 """
 
-from tmdm import base_config
+from tmdm.config import base as base_config
 from tmdm.model import config as model_config
 
 BATCHES = (8, 16, 32, 64)

@@ -17,7 +17,7 @@ These models are far from converged (losses 4.80-4.98 nats against log 512 = 6.2
 the machinery; the fitted law says little (BUILD_NOTES).
 """
 
-from tmdm import base_config
+from tmdm.config import base as base_config
 from tmdm.model import config as model_config
 
 # Width -> model overrides (depth 2; heads 32 wide or narrower; SwiGLU hidden ~ 2.75 x width). Largest and

@@ -17,7 +17,7 @@ which puts ~240M of the pilot's ~320M parameters in the embeddings, as in the pa
 pilot (docs/design.md 2.1). Hyperparameters are CompleteP base values at width 256 / depth 4.
 """
 
-from tmdm import base_config
+from tmdm.config import base as base_config
 from tmdm.model import config as model_config
 
 # topology: the slice the settings were compiled for (jax's name; compile-check also takes v5e-256).

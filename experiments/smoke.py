@@ -4,7 +4,7 @@
   tmdm train --config=experiments/smoke.py --workdir=runs/smoke --host_devices=8
 """
 
-from tmdm import base_config
+from tmdm.config import base as base_config
 from tmdm.model import config as model_config
 
 PRESETS = {'default': {}, 'mesh222': {'mesh': dict(data=2, fsdp=2, tensor=2)},

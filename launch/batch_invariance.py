@@ -21,6 +21,8 @@ import sys
 import time
 
 import numpy as np
+from tmdm.data import shards as shards_lib
+from tmdm.training import setup as setup_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, 'experiments', 'batch_invariance.py')
@@ -63,10 +65,9 @@ def write_markov_corpus(path, *, words=400, successors=4, docs=20_000, seed=0):
 
 def _prepare(cfg):
   """The text data set of cfg (text only; `tmdm prepare` would also build the pair data sets)."""
-  from tmdm import train  # pylint: disable=import-outside-toplevel
   from tmdm.data import store  # pylint: disable=import-outside-toplevel
-  from tmdm.modalities import text  # pylint: disable=import-outside-toplevel
-  root = train.text_root(cfg)
+  from tmdm.datasets import text  # pylint: disable=import-outside-toplevel
+  root = shards_lib.text_root(cfg)
   if os.path.isfile(os.path.join(root, store.MANIFEST)):
     return
   text.prepare_text(root, sources=cfg.data.text_sources.split(','), vocab_size=cfg.vocab.text_size,
@@ -75,8 +76,9 @@ def _prepare(cfg):
 
 
 def _train(name, workdir, reuse, overrides=()):
-  from tmdm import checkpoint, config_lib, train  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(f'{EXPERIMENT}:{name}', list(overrides), num_devices=1)
+  from tmdm.training import checkpoint, loop as train  # pylint: disable=import-outside-toplevel
+  from tmdm.config import loader as config_loader
+  cfg = config_loader.load(f'{EXPERIMENT}:{name}', list(overrides), num_devices=1)
   cfg.train.progress = False
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if reuse and os.path.isdir(ckpt_dir):
@@ -96,12 +98,13 @@ def _paired_eval(name, workdirs: dict, seeds: int, eval_rows: int) -> dict:
   """{key: [(tokens, exp(ELBO))] per checkpoint}: every checkpoint of every run on the first
   eval_rows validation rows, summed over `seeds` corruption keys (the same rows, times and masks)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from tmdm import checkpoint, config_lib, train, train_state, train_step  # pylint: disable=import-outside-toplevel
+  from tmdm.training import checkpoint, state as train_state, step as train_step  # pylint: disable=import-outside-toplevel
+  from tmdm.config import loader as config_loader
   from tmdm.data import pipeline  # pylint: disable=import-outside-toplevel
   from tmdm.diffusion import loss as loss_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(f'{EXPERIMENT}:{name}', num_devices=1)
-  s = train.setup(cfg)
-  rows = pipeline.text_dataset(train.text_root(cfg), 'val', s.vocab, seq_len=s.seq_len, seed=0, repeat=False)
+  cfg = config_loader.load(f'{EXPERIMENT}:{name}', num_devices=1)
+  s = setup_lib.build(cfg)
+  rows = pipeline.text_dataset(shards_lib.text_root(cfg), 'val', s.vocab, seq_len=s.seq_len, seed=0, repeat=False)
   batch = pipeline.to_global(next(iter(pipeline.batched(rows, eval_rows, prefetch=0))), s.sharder)
   fn = jax.jit(functools.partial(train_step.eval_sums, model=s.model, diff_cfg=s.diffusion, vocab=s.vocab,
                                  sharder=s.sharder))
@@ -128,11 +131,12 @@ def _noise_scale(name, workdir, fractions=(1 / 8, 1 / 2, 1), small=8, big=128, r
   B = small and big on `reps` training batches. The SDE rule needs B well below it."""
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from tmdm import checkpoint, config_lib, train, train_state, train_step  # pylint: disable=import-outside-toplevel
+  from tmdm.training import checkpoint, state as train_state, step as train_step  # pylint: disable=import-outside-toplevel
+  from tmdm.config import loader as config_loader
   from tmdm.data import pipeline  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(f'{EXPERIMENT}:{name}', num_devices=1)
-  s = train.setup(cfg)
-  rows = pipeline.text_dataset(train.text_root(cfg), 'train', s.vocab, seq_len=s.seq_len, seed=123)
+  cfg = config_loader.load(f'{EXPERIMENT}:{name}', num_devices=1)
+  s = setup_lib.build(cfg)
+  rows = pipeline.text_dataset(shards_lib.text_root(cfg), 'train', s.vocab, seq_len=s.seq_len, seed=123)
   it = iter(pipeline.batched(rows, big, prefetch=0))
   batches = [next(it) for _ in range(reps)]
   grads = functools.partial(train_step.grads_and_sums, model=s.model, diff_cfg=s.diffusion, vocab=s.vocab,
@@ -161,7 +165,7 @@ def _noise_scale(name, workdir, fractions=(1 / 8, 1 / 2, 1), small=8, big=128, r
 
 def _train_curve(cfg, workdir):
   """(tokens, exp(train ELBO)) of each logged window."""
-  from tmdm import metrics  # pylint: disable=import-outside-toplevel
+  from tmdm.training import metrics  # pylint: disable=import-outside-toplevel
   per_step = cfg.train.batch_size * cfg.data.seq_len
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return np.array([(r['step'] * per_step, np.exp(r['loss'])) for r in rows if 'loss' in r])
@@ -251,7 +255,7 @@ def main(argv=None):
   for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   os.chdir(REPO)  # data.root and the markov corpus path are relative to the repository
-  from tmdm import config_lib  # pylint: disable=import-outside-toplevel
+  from tmdm.config import loader as config_loader  # pylint: disable=import-outside-toplevel
   exp = _experiment()
   datasets = [d for d in args.data.split(',') if d]
   seeds = [int(x) for x in args.seeds.split(',') if x]
@@ -262,7 +266,7 @@ def main(argv=None):
     base = f'{data}-fixed-{exp.BASE_BATCH}'
     if data == 'markov':
       write_markov_corpus(exp.MARKOV_JSONL)
-    _prepare(config_lib.load(f'{EXPERIMENT}:{base}'))
+    _prepare(config_loader.load(f'{EXPERIMENT}:{base}'))
     workdirs = {}
     for sd in seeds:
       for arm in exp.ARMS:

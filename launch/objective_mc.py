@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmdm import vocab as vocab_lib
 from tmdm.diffusion import corruption, schedules
-from tmdm.modalities import spec
 
 
 def _old_weight(sched, t_B, _):
@@ -42,7 +42,7 @@ def main():
         cfg = corruption.DiffusionConfig(schedules=(name,) * 3, t_sampling=t_sampling, complementary=pairs)
         B = 2 * n if pairs else n
         shape = (B, L)
-        c = corruption.corrupt(jax.random.PRNGKey(0), np.zeros(shape, np.int32), np.full(shape, spec.TARGET),
+        c = corruption.corrupt(jax.random.PRNGKey(0), np.zeros(shape, np.int32), np.full(shape, vocab_lib.TARGET),
                                np.broadcast_to(modality, shape), cfg, 1)
         term = np.where(np.asarray(c['masked_BL']), np.asarray(c['weight_BL']) * nll, 0).sum(1) / nll.sum()
         out += [term.mean()] if not pairs else [term.mean(), term[:n].mean(), term[n:].mean()]

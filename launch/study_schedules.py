@@ -15,10 +15,10 @@ Writes results.json and schedules.png into --out.
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import time
+from tmdm.data import shards as shards_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENT = {'text': 'text', 'image': 'image', 'audio': 'audio'}  # modality -> the component holding most of it
@@ -28,13 +28,14 @@ def measure(workdir, draws: int, schedules) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from tmdm import generate, train, train_step  # pylint: disable=import-outside-toplevel
-  from tmdm.modalities import spec  # pylint: disable=import-outside-toplevel
+  from tmdm.generation import generate  # pylint: disable=import-outside-toplevel
+  from tmdm.training import step as train_step
+  from tmdm import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   ctx = generate.Context.from_workdir(workdir)
   s = ctx.s
-  val = train.eval_batches(s, train.data_shards(ctx.cfg))
+  val = shards_lib.eval_batches(s.cfg, s.vocab, s.sharder, shards_lib.owned(ctx.cfg))
   rows = []
-  for m, name in enumerate(spec.MODALITIES):
+  for m, name in enumerate(vocab_lib.MODALITIES):
     batches = val.get(COMPONENT[name])
     if not batches:
       continue

@@ -1,4 +1,4 @@
-"""Run an experiment file's sweep (its get_sweep(arg); see src/tmdm/sweeps.py): every run in its own
+"""Run an experiment file's sweep (its get_sweep(arg); see src/tmdm/scaling/sweeps.py): every run in its own
 workdir ROOT/NAME, locally or on a cluster, with a manifest (ROOT/manifest.json) of what ran and how it
 ended, and RESULTS (ROOT/results.jsonl, the input of `tmdm scaling fit`) from the finished runs.
 
@@ -29,7 +29,7 @@ import steps as steps_lib
 import tpu as tpu_lib
 
 sys.path.insert(0, os.path.join(steps_lib.REPO, 'src'))
-from tmdm import sweeps  # pylint: disable=wrong-import-position
+from tmdm.scaling import sweeps  # pylint: disable=wrong-import-position
 
 MANIFEST = 'manifest.json'
 

@@ -18,7 +18,7 @@ import pytest  # pylint: disable=wrong-import-position
 @pytest.fixture(scope='session')
 def text_data(tmp_path_factory):
   """Fortunes (Debian `fortunes`): 2000 documents, a 512-piece SentencePiece model. Returns data.root."""
-  from tmdm.modalities import text  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import text  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('data')
   text.prepare_text(str(root / 'fortunes-smoke'), sources=['fortunes'], vocab_size=512, val_fraction=0.05,
                     max_docs=2000, shard_records=700)

@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 
-from tmdm import base_config
+from tmdm import vocab as vocab_lib
+from tmdm.config import base as base_config
 from tmdm.model import config as model_config
-from tmdm.modalities import spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def tiny_config(**model_overrides):
   return c
 
 
-def random_batch(vocab: spec.VocabSpec, rows, length, seed=0, modalities=(spec.TEXT,)):
+def random_batch(vocab: vocab_lib.VocabSpec, rows, length, seed=0, modalities=(vocab_lib.TEXT,)):
   """Random packed rows: 1-3 documents per row, boundaries FIXED, each document one modality."""
   rng = np.random.default_rng(seed)
   out = {k: np.zeros((rows, length), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'role', 'modality')}
@@ -35,8 +35,8 @@ def random_batch(vocab: spec.VocabSpec, rows, length, seed=0, modalities=(spec.T
       out['tokens'][r, lo:hi] = rng.integers(a, b, hi - lo)
       out['segment_ids'][r, lo:hi] = seg
       out['positions'][r, lo:hi] = np.arange(hi - lo)
-      out['role'][r, lo:hi] = spec.TARGET
+      out['role'][r, lo:hi] = vocab_lib.TARGET
       out['modality'][r, lo:hi] = m
       out['tokens'][r, lo] = vocab.id('<txt>')
-      out['role'][r, lo] = spec.FIXED
+      out['role'][r, lo] = vocab_lib.FIXED
   return out

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tmdm import base_config
+from tmdm.config import base as base_config
 
 _BUILT = {}
 
 
 def text_tokenizer(text_data):
-  from tmdm.modalities import text  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import text  # pylint: disable=import-outside-toplevel
   return text.TextTokenizer(os.path.join(text_data, 'fortunes-smoke', 'spm.model'))
 
 
@@ -64,7 +64,7 @@ def write_user_images(folder):
 
 def write_user_clips(folder, rate=22_050):
   """1 good clip and 5 bad lines: unreadable, silent, too long (3 s > 2 s), empty transcript, bad JSON."""
-  from tmdm.modalities import audio  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import audio  # pylint: disable=import-outside-toplevel
   os.makedirs(folder, exist_ok=True)
   subprocess.run(['espeak-ng', '-v', 'en-us', '-w', os.path.join(folder, 'good.wav'), 'hello there'], check=True)
   audio.write_wav(os.path.join(folder, 'silent.wav'), np.zeros(rate, np.float32), rate)
@@ -86,7 +86,7 @@ def write_user_clips(folder, rate=22_050):
 def image_data(tmp_path_factory, text_data):
   """(root, manifest) of digits + the user images above, tokenizer trained 150 steps at width 16."""
   if 'image' not in _BUILT:
-    from tmdm.modalities import image  # pylint: disable=import-outside-toplevel
+    from tmdm.datasets import image  # pylint: disable=import-outside-toplevel
     base = tmp_path_factory.mktemp('pairs')
     user = os.path.dirname(write_user_images(str(base / 'user_images')))
     root = str(base / 'digits')  # `folder:DIR` reads DIR/captions.jsonl through the `jsonl:PATH` reader.
@@ -100,7 +100,7 @@ def image_data(tmp_path_factory, text_data):
 def audio_data(tmp_path_factory, text_data):
   """(root, manifest) of 48 espeak clips of 2 s + the user clips above, tokenizer trained 150 steps."""
   if 'audio' not in _BUILT:
-    from tmdm.modalities import audio  # pylint: disable=import-outside-toplevel
+    from tmdm.datasets import audio  # pylint: disable=import-outside-toplevel
     base = tmp_path_factory.mktemp('pairs')
     user = write_user_clips(str(base / 'user_clips'))
     root = str(base / 'speech')

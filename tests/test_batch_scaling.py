@@ -1,7 +1,6 @@
 """The logical/physical batch SDE scaler (optim.scale_hyperparams, optim.plan, optim.build): the
 formulas, their invariants, the B_crit check, CompleteP on top, and microbatching's orthogonality."""
 
-import functools
 import logging
 import math
 import os
@@ -11,10 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from tmdm import config_lib, optim, sharding, train_state, train_step
+from tmdm import errors, optim, vocab as vocab_lib
+from tmdm.config import loader as config_loader
 from tmdm.diffusion import corruption
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state, step as train_step
 from helpers import REPO, random_batch, tiny_config
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
@@ -82,18 +83,18 @@ def test_critical_batch_warns_only_above_b_crit(caplog):
 
 def test_critical_batch_error_is_one_config_error_line():
   # smoke: 200 steps of 16 x 64 tokens, so B_crit = 200 * 16 / s_crit.
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load(SMOKE, ['--config.optim.s_crit=400', '--config.optim.on_exceeding_crit=error'], num_devices=8)
+  with pytest.raises(errors.ConfigError) as e:
+    config_loader.load(SMOKE, ['--config.optim.s_crit=400', '--config.optim.on_exceeding_crit=error'], num_devices=8)
   assert 'train.batch_size 16 exceeds B_crit' in str(e.value)
   assert '= 8 sequences (200 optimizer steps < 400)' in str(e.value)
   assert '\n' not in str(e.value)
-  config_lib.load(SMOKE, ['--config.optim.s_crit=200', '--config.optim.on_exceeding_crit=error'], num_devices=8)
-  with pytest.raises(config_lib.ConfigError, match='round to 1 in float32'):
-    config_lib.load(SMOKE, ['--config.optim.logical_batch=1000000000', '--config.optim.b2=0.999'])
+  config_loader.load(SMOKE, ['--config.optim.s_crit=200', '--config.optim.on_exceeding_crit=error'], num_devices=8)
+  with pytest.raises(errors.ConfigError, match='round to 1 in float32'):
+    config_loader.load(SMOKE, ['--config.optim.logical_batch=1000000000', '--config.optim.b2=0.999'])
 
 
 def test_unpinned_config_is_its_own_base_and_schedule_is_fixed_in_tokens():
-  cfg = config_lib.load(SMOKE)
+  cfg = config_loader.load(SMOKE)
   p = _plan(cfg)
   assert p.kappa == 1.0 and p.hyper == dict(optim.base_hyperparams(cfg.optim), kappa=1.0)
   # The same horizon at 8x the batch: kappa 8, and the lr schedule at equal tokens is unchanged.
@@ -111,7 +112,7 @@ def test_unpinned_config_is_its_own_base_and_schedule_is_fixed_in_tokens():
 
 
 def _model_and_params(cfg, mesh=(1, 1, 1)):
-  vocab = spec.VocabSpec.from_config(cfg.vocab)
+  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
   sharder = sharding.Sharder(sharding.make_mesh(mesh))
   mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
   return vocab, sharder, mcfg, transformer.Transformer(mcfg, sharder)
@@ -169,7 +170,7 @@ def _updated_params(microbatches, mesh=(2, 2, 2), steps=2):
                                     state_sh, microbatches)
   with jax.default_matmul_precision('highest'):
     for i in range(steps):
-      batch = random_batch(vocab, 16, cfg.data.seq_len, seed=3 + i, modalities=(spec.TEXT, spec.IMAGE, spec.AUDIO))
+      batch = random_batch(vocab, 16, cfg.data.seq_len, seed=3 + i, modalities=(vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO))
       state, _ = step_fn(state, {k: jax.device_put(v, sharder.batch()) for k, v in batch.items()})
   return jax.device_get(state.params), float(optim.live_hyperparams(state.opt_state)['lr'])
 

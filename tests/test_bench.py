@@ -3,7 +3,8 @@ those live in BUILD_NOTES, measured on quiet machines)."""
 
 import os
 
-from tmdm import bench, config_lib
+from tmdm.config import loader as config_loader
+from tmdm.tools import bench
 from helpers import REPO
 
 
@@ -17,7 +18,7 @@ def test_bench_step_reports_the_yardstick_figures():
 
 
 def _smoke(text_data):
-  cfg = config_lib.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
+  cfg = config_loader.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
   cfg.data.root = text_data
   return cfg
 
@@ -38,7 +39,8 @@ def test_input_and_pipeline_benches(text_data):
 
 
 def test_sampling_bench_table(text_data):
-  from tmdm import base_config, sample_bench  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  from tmdm.tools import sample_bench
   c = base_config.get_config()
   assert (sample_bench.tokens_per_item(c, 'image'), sample_bench.tokens_per_item(c, 'audio')) == (64, 100)
   ctx = sample_bench.context('', os.path.join(REPO, 'experiments', 'smoke.py'),

@@ -14,15 +14,16 @@ import functools
 import jax
 import numpy as np
 
-from tmdm import optim, sharding, train_state, train_step
-from tmdm import tasks as tasks_lib
+from tmdm import optim, vocab as vocab_lib
 from tmdm.data import pipeline
 from tmdm.diffusion import corruption, sampling
+from tmdm.generation import tasks as tasks_lib
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state, step as train_step
 from helpers import tiny_config
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 STEPS, ROWS = 300, 32
 
 

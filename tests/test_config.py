@@ -4,14 +4,15 @@ import sys
 
 import pytest
 
-from tmdm import config_lib
+from tmdm import errors
+from tmdm.config import loader as config_loader
 from helpers import REPO
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
 
 
 def test_presets_and_typed_overrides():
-  cfg = config_lib.load(SMOKE + ':mesh222', ['--config.optim.lr=3e-4', '--config.train.num_steps=1e3',
+  cfg = config_loader.load(SMOKE + ':mesh222', ['--config.optim.lr=3e-4', '--config.train.num_steps=1e3',
                                              '--config.diffusion.complementary=true'], num_devices=8)
   assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (2, 2, 2)
   assert cfg.optim.lr == 3e-4 and cfg.train.num_steps == 1000 and cfg.diffusion.complementary is True
@@ -32,17 +33,17 @@ def test_presets_and_typed_overrides():
      '4 input rows per step do not divide over 8 batch shards'),
 ])
 def test_validation_errors(overrides, message):
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load(SMOKE, overrides, num_devices=8)
+  with pytest.raises(errors.ConfigError) as e:
+    config_loader.load(SMOKE, overrides, num_devices=8)
   assert message in str(e.value)
   assert '\n' not in str(e.value)
 
 
 def test_missing_file_and_unknown_preset():
-  with pytest.raises(config_lib.ConfigError, match='config file not found'):
-    config_lib.load('experiments/nope.py')
-  with pytest.raises(config_lib.ConfigError, match='unknown preset'):
-    config_lib.load(SMOKE + ':nope')
+  with pytest.raises(errors.ConfigError, match='config file not found'):
+    config_loader.load('experiments/nope.py')
+  with pytest.raises(errors.ConfigError, match='unknown preset'):
+    config_loader.load(SMOKE + ':nope')
 
 
 def test_cli_config_error_is_one_line(tmp_path):

@@ -3,10 +3,11 @@ import os
 import numpy as np
 import pytest
 
+from tmdm import vocab as vocab_lib
 from tmdm.data import pipeline, store
-from tmdm.modalities import spec, text
+from tmdm.datasets import text
 
-VOCAB = spec.VocabSpec(512, 16, 16, multiple=8)
+VOCAB = vocab_lib.VocabSpec(512, 16, 16, multiple=8)
 
 
 def _rows(root, **kwargs):
@@ -39,8 +40,8 @@ def test_packed_rows_layout(text_data):
       assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))  # A document is contiguous ...
       np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))  # ... with its own positions.
     boundary = np.isin(tokens, [VOCAB.id('<txt>'), VOCAB.id('</txt>')])
-    np.testing.assert_array_equal(role == spec.FIXED, boundary)
-    assert (VOCAB.modality_of(tokens[~boundary]) == spec.TEXT).all()
+    np.testing.assert_array_equal(role == vocab_lib.FIXED, boundary)
+    assert (VOCAB.modality_of(tokens[~boundary]) == vocab_lib.TEXT).all()
 
 
 def test_seeded_order_and_process_shards(text_data):

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmdm import sharding
+from tmdm import vocab as vocab_lib
 from tmdm.diffusion import corruption, loss as loss_lib, schedules
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
 from helpers import random_batch
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 ALPHA64 = {  # alpha(t) in float64, written independently of schedules.py
     'linear': lambda t: 1 - t,
     'cosine': lambda t: np.cos(np.pi / 2 * t),
@@ -56,7 +56,7 @@ def _elbo64(logits, tokens, modality, masked, weight, supervised):
 @pytest.mark.parametrize('mesh_shape', [(1, 1, 1), (2, 1, 4)])
 def test_elbo_matches_float64(name, mesh_shape):
   sharder = sharding.Sharder(sharding.make_mesh(mesh_shape))
-  batch = random_batch(VOCAB, 8, 13, seed=1, modalities=(spec.TEXT, spec.IMAGE, spec.AUDIO))
+  batch = random_batch(VOCAB, 8, 13, seed=1, modalities=(vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO))
   cfg = corruption.DiffusionConfig(schedules=(name,) * 3, poly_power=3.0, t_sampling='uniform')
   c = corruption.corrupt(jax.random.PRNGKey(0), batch['tokens'], batch['role'], batch['modality'], cfg,
                          VOCAB.mask_id)
@@ -100,7 +100,7 @@ def test_complementary_pairs_supervise_each_token_once(name):
                          VOCAB.mask_id)
   masked = np.asarray(c['masked_BL'])
   first, second = masked[:6], masked[6:]
-  supervised = paired['role'][:6] == spec.TARGET
+  supervised = paired['role'][:6] == vocab_lib.TARGET
   assert not (first & second).any()
   np.testing.assert_array_equal(first | second, supervised)
   # The complement is masked at rate alpha(t): weight -alpha'(t) / max(alpha(t), pair_alpha_min)
@@ -114,7 +114,7 @@ def test_complementary_pairs_supervise_each_token_once(name):
 
 def test_condition_modes():
   """Pairs: joint masks the condition at rate t, conditional keeps it clean, drop masks all of it."""
-  role = np.array([[spec.FIXED] + [spec.CONDITION] * 9 + [spec.TARGET] * 10] * 512, np.int32)
+  role = np.array([[vocab_lib.FIXED] + [vocab_lib.CONDITION] * 9 + [vocab_lib.TARGET] * 10] * 512, np.int32)
   tokens = np.full_like(role, VOCAB.text_start)
   cfg = corruption.DiffusionConfig(mode_probs=(0.5, 0.3, 0.2), t_sampling='uniform')
   c = corruption.corrupt(jax.random.PRNGKey(5), tokens, role, np.zeros_like(role), cfg, VOCAB.mask_id)

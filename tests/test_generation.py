@@ -6,12 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from tmdm import config_lib, eval_metrics as em, gallery, generate, tasks, train, train_state
+from tmdm import errors, vocab as vocab_lib
+from tmdm.config import loader as config_loader
 from tmdm.data import pipeline
-from tmdm.modalities import spec
+from tmdm.evaluation import measures as em
+from tmdm.generation import gallery, generate, tasks
+from tmdm.training import setup as setup_lib, state as train_state
 from helpers import REPO
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 
 
 class _WordTokenizer:
@@ -26,20 +29,20 @@ def test_t2i_canvas_is_the_training_row_with_the_target_masked():
   canvas = tasks.pair_canvas(VOCAB, tasks.TASKS['t2i'], 29, texts=[caption], tokens_per_item=6)
   row = pipeline.PairToRow(VOCAB, 'image', 29, p_text_first=1.0)({'text': caption, 'image': np.zeros(6)},
                                                                   np.random.default_rng(0))
-  target, cond = row['role'] == spec.TARGET, row['role'] == spec.CONDITION
+  target, cond = row['role'] == vocab_lib.TARGET, row['role'] == vocab_lib.CONDITION
   np.testing.assert_array_equal(canvas['tokens'][0], np.where(target, VOCAB.mask_id, row['tokens']))
   np.testing.assert_array_equal(canvas['cond'][0], cond)
   assert canvas['tokens'][0, 0] == VOCAB.id('[T2I]') and target.sum() == 6 and cond.sum() == 3
   for k in ('segment_ids', 'positions', 'modality'):
     np.testing.assert_array_equal(canvas[k][0], row[k])
-  assert (canvas['modality'][0][target] == spec.IMAGE).all() and canvas['tokens'][0, -1] == VOCAB.pad_id
+  assert (canvas['modality'][0][target] == vocab_lib.IMAGE).all() and canvas['tokens'][0, -1] == VOCAB.pad_id
 
 
 def test_s2t_canvas_has_a_caption_slot_of_the_given_length_then_padding():
   codes = np.arange(7)[None] % VOCAB.audio_size
   canvas = tasks.pair_canvas(VOCAB, tasks.TASKS['s2t'], 23, codes=codes, caption_lens=[4])
   toks = canvas['tokens'][0]
-  audio_lo = VOCAB.range(spec.AUDIO)[0]
+  audio_lo = VOCAB.range(vocab_lib.AUDIO)[0]
   expected = ([VOCAB.id('[S2T]'), VOCAB.id('<aud>')] + list(codes[0] + audio_lo) +
               [VOCAB.id('</aud>'), VOCAB.id('<txt>')]
               + [VOCAB.mask_id] * 4 + [VOCAB.id('</txt>')])
@@ -92,11 +95,11 @@ def test_gallery_writes_images_audio_and_text(tmp_path):
 
 
 def test_text_generation_end_to_end_on_the_8_device_mesh(text_data, tmp_path):
-  cfg = config_lib.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
+  cfg = config_loader.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
   cfg.data.root = text_data
   cfg.model.update(d_model=16, n_layers=1, n_heads=2, d_head=8, d_ff=24, base_width=16, base_depth=1)
   cfg.sample.update(sampler='confidence', steps=4, text_len=17, infill_len=3, batch=8)
-  s = train.setup(cfg)
+  s = setup_lib.build(cfg)
   ctx = generate.Context.for_training(s, train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params, 0)
   samples, info = generate.generate(ctx, 'text', prompts=['The [MASK] is', ''], n=3, seed=0)
   assert len(samples) == 6 and all(isinstance(x.output, str) and x.output for x in samples)
@@ -104,23 +107,56 @@ def test_text_generation_end_to_end_on_the_8_device_mesh(text_data, tmp_path):
 
 
 def test_sweep_parses_rules_and_records_the_chosen_defaults(tmp_path):
-  from tmdm import base_config, sample_sweep  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  from tmdm.tools import sample_sweep
   section = base_config.get_config().sample.t2i
   assert sample_sweep.parse_rule('confidence:linear', section) == ('confidence', {'schedule': 'linear'})
   assert sample_sweep.parse_rule('threshold:0.7', section) == ('threshold', {'threshold': 0.7})
-  with pytest.raises(config_lib.ConfigError):
+  with pytest.raises(errors.ConfigError):
     sample_sweep.parse_rule('beam', section)
   chosen = {'sampler': 'confidence', 'schedule': 'linear', 'threshold': 0.9, 'steps': 16, 'temperature': 0.7,
             'guidance': 2.0, 'metric': 0.5}
-  path = sample_sweep.record('t2i', chosen, 't2i/digit_acc', 'tmdm sample-sweep ...', path=str(tmp_path / 'd.json'))
+  path = str(tmp_path / 'd.json')
+  line = sample_sweep.record('t2i', chosen, 't2i/digit_acc', 'tmdm sample-sweep ...', path=path)
   with open(path, encoding='utf-8') as f:
     data = json.load(f)
   assert data['tasks']['t2i']['chosen']['steps'] == 16 and data['tasks']['t2i']['command'].startswith('tmdm')
+  c = base_config.get_config()  # The printed line, pasted into an experiment file, sets exactly those keys.
+  exec(line, {'c': c})  # pylint: disable=exec-used
+  assert (c.sample.t2i.schedule, c.sample.t2i.steps, c.sample.t2i.guidance) == ('linear', 16, 2.0)
+  assert base_config.get_config().sample.t2i.steps == 32  # Recording changed no default.
+
+
+def test_base_config_reads_no_file(monkeypatch):
+  """get_config() is pure: with every file open refused it still builds, twice the same."""
+  import builtins  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  first = base_config.get_config().to_dict()
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'get_config opened a file: {args[:1]}')
+  monkeypatch.setattr(builtins, 'open', refuse)
+  assert base_config.get_config().to_dict() == first
+
+
+def test_a_runs_saved_sample_section_is_used(tmp_path):
+  """`tmdm sample` / `tmdm eval` take the run's own sample.* settings; command-line overrides win."""
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  cfg = base_config.get_config()
+  cfg.sample.t2i.update(steps=7, guidance=2.5)
+  cfg.sample.num = 3
+  (tmp_path / 'config.json').write_text(json.dumps(cfg.to_dict()))
+  loaded = generate.load_workdir_config(str(tmp_path))
+  assert (loaded.sample.t2i.steps, loaded.sample.t2i.guidance, loaded.sample.num) == (7, 2.5, 3)
+  loaded = generate.load_workdir_config(str(tmp_path), ['--config.sample.t2i.steps=9'])
+  assert (loaded.sample.t2i.steps, loaded.sample.t2i.guidance) == (9, 2.5)
 
 
 def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
   import types  # pylint: disable=import-outside-toplevel
-  from tmdm import base_config, evaluate, sample_sweep  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  from tmdm.evaluation import evaluators as evaluate
+  from tmdm.tools import sample_sweep
 
   def fake_t2i(ctx, settings):  # accuracy ties at w > 0; the ancestral rule has the better FD
     spec_, knobs = settings(ctx, 't2i')

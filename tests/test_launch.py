@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from tmdm import base_config, config_lib, sweeps
-from tmdm.modalities import spec
+from tmdm import errors, vocab as vocab_lib
+from tmdm.config import base as base_config, loader as config_loader
 from tmdm.model import config as model_config
+from tmdm.scaling import sweeps
 from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'launch'))
@@ -111,7 +112,7 @@ def test_sweep_expands_grid_and_list():
   assert [r.name for r in grid] == ['lr0.001-lin', 'lr0.001-cos', 'lr0.003-lin', 'lr0.003-cos']
   assert grid[3].override_args() == ['--config.optim.lr=0.003', '--config.diffusion.schedule_text=cosine']
   assert sweeps.expand([{'name': 'a', 'train.batch_size': 8}, {'train.batch_size': 16}])[1].name == 'run001'
-  with pytest.raises(config_lib.ConfigError, match='repeat'):
+  with pytest.raises(errors.ConfigError, match='repeat'):
     sweeps.expand([{'name': 'a'}, {'name': 'a'}])
 
 
@@ -161,7 +162,7 @@ with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
 
 def test_local_sweep_keeps_manifest_and_writes_results(tmp_path, capsys):
   micro = os.path.join(REPO, MICRO)
-  runs = {r.name: config_lib.load(micro, r.override_args()) for r in sweeps.load_sweep(micro)}
+  runs = {r.name: config_loader.load(micro, r.override_args()) for r in sweeps.load_sweep(micro)}
   (tmp_path / 'configs.json').write_text(json.dumps({k: c.to_dict() for k, c in runs.items()}))
   fake = tmp_path / 'fake_tmdm.py'
   fake.write_text(FAKE_TRAIN)
@@ -179,7 +180,7 @@ def test_local_sweep_keeps_manifest_and_writes_results(tmp_path, capsys):
   r = by_name['w16-s800']
   assert r['source'] == 'eval' and r['loss'] == pytest.approx(5 + 10 / 16 + 100 / 800)
   assert r['tokens'] == 800 * 16 * 64 and r['modality'] == 'text'
-  vocab = spec.VocabSpec.from_config(runs['w16-s800'].vocab).size
+  vocab = vocab_lib.VocabSpec.from_config(runs['w16-s800'].vocab).size
   assert r['params'] == model_config.ModelConfig.from_config(runs['w16-s800'].model, vocab).non_embedding_params == 6352
   # Rerunning skips the finished runs; only the failed one runs again.
   capsys.readouterr()

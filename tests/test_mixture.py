@@ -5,11 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from tmdm import base_config
-from tmdm.data import mixture, pipeline, store
-from tmdm.modalities import spec
+from tmdm import vocab as vocab_lib
+from tmdm.config import base as base_config
+from tmdm.data import mixture, pipeline, shards as shards_lib, store
+from tmdm.training import setup as setup_lib, validation
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 TOK = {'text': {'name': 'fake-spm', 'vocab_size': 37, 'sha256': 'abc'}}
 
 
@@ -68,15 +69,15 @@ def test_pair_row_layout():
     body = text + image if t2i else image + text
     np.testing.assert_array_equal(row['tokens'][1:1 + len(body)], body)
     n = 1 + len(body)
-    assert (row['tokens'][n:] == VOCAB.pad_id).all() and (row['role'][n:] == spec.FIXED).all()
+    assert (row['tokens'][n:] == VOCAB.pad_id).all() and (row['role'][n:] == vocab_lib.FIXED).all()
     assert (row['segment_ids'][:n] == 1).all() and (row['segment_ids'][n:] == 0).all()
-    text_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == spec.TEXT)
-    image_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == spec.IMAGE)
-    assert (row['role'][text_pos] == (spec.CONDITION if t2i else spec.TARGET)).all()
-    assert (row['role'][image_pos] == (spec.TARGET if t2i else spec.CONDITION)).all()
-    assert (row['modality'][image_pos] == spec.IMAGE).all() and (row['modality'][text_pos] == spec.TEXT).all()
-    layout = np.isin(row['tokens'], [VOCAB.id(t) for t in spec.SPECIALS])
-    assert (row['role'][layout] == spec.FIXED).all()  # layout tokens and [PAD] never in the loss
+    text_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == vocab_lib.TEXT)
+    image_pos = np.flatnonzero(VOCAB.modality_of(row['tokens']) == vocab_lib.IMAGE)
+    assert (row['role'][text_pos] == (vocab_lib.CONDITION if t2i else vocab_lib.TARGET)).all()
+    assert (row['role'][image_pos] == (vocab_lib.TARGET if t2i else vocab_lib.CONDITION)).all()
+    assert (row['modality'][image_pos] == vocab_lib.IMAGE).all() and (row['modality'][text_pos] == vocab_lib.TEXT).all()
+    layout = np.isin(row['tokens'], [VOCAB.id(t) for t in vocab_lib.SPECIALS])
+    assert (row['role'][layout] == vocab_lib.FIXED).all()  # layout tokens and [PAD] never in the loss
   assert seen == {True, False}
 
 
@@ -100,7 +101,7 @@ def test_mixture_proportions_and_resume(cfg):
 def test_processes_read_disjoint_records(cfg):
   def texts(index):
     ds = mixture.component(cfg, 'image', VOCAB, 'train', seed=0, shard_index=index, shard_count=2, repeat=False)
-    return {tuple(r['tokens'][r['modality'] == spec.TEXT]) for r in ds}
+    return {tuple(r['tokens'][r['modality'] == vocab_lib.TEXT]) for r in ds}
   a, b = texts(0), texts(1)
   assert a and b and not a & b
 
@@ -137,7 +138,7 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
   """eval/<component>/joint counts every non-layout position of the rows; eval/<component>/conditional
   (pairs) counts only the targets: captions of I2T rows as text, codes of T2I rows as image."""
   import jax  # pylint: disable=import-outside-toplevel
-  from tmdm import train, train_state, train_step  # pylint: disable=import-outside-toplevel
+  from tmdm.training import state as train_state, step as train_step  # pylint: disable=import-outside-toplevel
   from helpers import tiny_config  # pylint: disable=import-outside-toplevel
   c = tiny_config()
   c.data, c.image, c.audio = cfg.data.copy_and_resolve_references(), cfg.image, cfg.audio
@@ -146,20 +147,20 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
   _write(str(tmp_path / c.data.text_name), 'text', 300, seed=4, val=80)
   c.data.root = str(tmp_path)
   c.train.update(batch_size=8, eval_batches=2)
-  s = train.setup(c)
-  val = train.eval_batches(s, train.data_shards(c))
+  s = setup_lib.build(c)
+  val = shards_lib.eval_batches(s.cfg, s.vocab, s.sharder, shards_lib.owned(c))
   state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
   _, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1)
   params = train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params
-  out = train.evaluate(eval_fn, params, val, seed=1)
+  out = validation.evaluate(eval_fn, params, val, seed=1)
   for key in ('eval/text/joint/loss/text', 'eval/image/joint/loss/image', 'eval/image/conditional/loss/text',
               'eval/image/conditional/loss/image', 'eval/audio/conditional/loss/audio', 'eval/loss/text'):
     assert key in out, key
   assert 'eval/text/conditional/loss/text' not in out  # Text rows have no condition.
   for batch in val['image']:
     rows = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
-    text, image = rows['modality'] == spec.TEXT, rows['modality'] == spec.IMAGE
-    supervised, target = rows['role'] != spec.FIXED, rows['role'] == spec.TARGET
+    text, image = rows['modality'] == vocab_lib.TEXT, rows['modality'] == vocab_lib.IMAGE
+    supervised, target = rows['role'] != vocab_lib.FIXED, rows['role'] == vocab_lib.TARGET
     joint = jax.device_get(eval_fn(params, batch, jax.random.PRNGKey(0), mode='joint'))
     cond = jax.device_get(eval_fn(params, batch, jax.random.PRNGKey(0), mode='conditional'))
     assert joint['count/text'] == (supervised & text).sum() and joint['count/image'] == (supervised & image).sum()
@@ -168,11 +169,11 @@ def test_validation_reports_joint_and_conditional_elbo_per_component(cfg, tmp_pa
   # Focus positions: the supervised text positions holding the chosen ids, summed alone.
   batch = val['image'][0]
   rows = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
-  caption_ids = rows['tokens'][(rows['role'] == spec.TARGET) & (rows['modality'] == spec.TEXT)]
+  caption_ids = rows['tokens'][(rows['role'] == vocab_lib.TARGET) & (rows['modality'] == vocab_lib.TEXT)]
   focus = tuple(int(i) for i in np.unique(caption_ids)[:2])
   _, focused = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh, 1, focus_ids=focus)
   cond = jax.device_get(focused(params, batch, jax.random.PRNGKey(0), mode='conditional'))
-  want = (np.isin(rows['tokens'], focus) & (rows['role'] == spec.TARGET) & (rows['modality'] == spec.TEXT)).sum()
+  want = (np.isin(rows['tokens'], focus) & (rows['role'] == vocab_lib.TARGET) & (rows['modality'] == vocab_lib.TEXT)).sum()
   assert cond['count/focus'] == want > 0
   assert 0 < cond['elbo_sum/focus'] < cond['elbo_sum/text']
 

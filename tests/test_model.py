@@ -2,15 +2,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmdm import sharding, train_state, optim
+from tmdm import optim, vocab as vocab_lib
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state
 from helpers import random_batch, tiny_config
 
 
 def _model(**overrides):
   cfg = tiny_config(**overrides)
-  vocab = spec.VocabSpec.from_config(cfg.vocab)
+  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
   mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
   sharder = sharding.Sharder(sharding.make_mesh((2, 2, 2)))
   model = transformer.Transformer(mcfg, sharder)
@@ -34,7 +35,7 @@ def test_packed_documents_do_not_attend_to_each_other():
 
 
 def test_restrict_keeps_each_modality_in_range():
-  vocab = spec.VocabSpec(37, 11, 13, multiple=8)
+  vocab = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
   logits = jnp.zeros((1, 3, vocab.size))
   out = transformer.restrict(logits, jnp.array([[0, 1, 2]]), jnp.asarray(vocab.allowed_table()))
   for m in range(3):
@@ -44,7 +45,7 @@ def test_restrict_keeps_each_modality_in_range():
 
 
 def test_vocab_layout_is_contiguous_and_padded():
-  vocab = spec.VocabSpec(4000, 1000, 1000, multiple=128)
+  vocab = vocab_lib.VocabSpec(4000, 1000, 1000, multiple=128)
   assert vocab.text_start == 16 and vocab.image_start == 4016 and vocab.audio_start == 5016
   assert vocab.size == 6016 + (-6016 % 128) and vocab.size % 128 == 0
   assert vocab.id('[MASK]') == vocab.mask_id == 1 and vocab.pad_id == 0

@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from tmdm import config_lib, metrics, train
+from tmdm.config import loader as config_loader
+from tmdm.training import loop as train, metrics
 from helpers import REPO
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
@@ -66,7 +67,7 @@ def _rows(workdir):
 @pytest.mark.slow
 def test_two_processes_match_one(text_data, tmp_path):
   single = str(tmp_path / 'single')
-  cfg = config_lib.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
+  cfg = config_loader.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
   cfg.data.root = text_data
   train.run(cfg, single)
 
@@ -118,7 +119,7 @@ def _eval_json(workdir, out, processes):
 @pytest.mark.slow
 def test_two_process_eval_matches_one(text_data, tmp_path):
   workdir = str(tmp_path / 'run')
-  cfg = config_lib.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
+  cfg = config_loader.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
   cfg.data.root = text_data
   train.run(cfg, workdir)
   one = _eval_json(workdir, str(tmp_path / 'one.json'), 1)

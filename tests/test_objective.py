@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmdm import sharding
+from tmdm import vocab as vocab_lib
 from tmdm.diffusion import corruption, loss as loss_lib, schedules
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
 
 L = 61
 ROWS = 1 << 17
-MODALITY_L = np.repeat([spec.TEXT, spec.IMAGE, spec.AUDIO], [23, 19, 19]).astype(np.int32)
+MODALITY_L = np.repeat([vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO], [23, 19, 19]).astype(np.int32)
 NLL_L = np.random.default_rng(0).uniform(0.5, 4.0, L).astype(np.float32)
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'rows'))
@@ -54,7 +54,7 @@ def _ratio_and_se(term_B, expected_per_row):
 @pytest.mark.parametrize('name', sorted(schedules.SCHEDULES))
 def test_estimator_mean_is_the_analytic_elbo(name, complementary, t_sampling):
   cfg = corruption.DiffusionConfig(schedules=(name,) * 3, t_sampling=t_sampling, complementary=complementary)
-  role_L = np.full((L,), spec.TARGET, np.int32)
+  role_L = np.full((L,), vocab_lib.TARGET, np.int32)
   term_B, count_B, sums = jax.device_get(_weighted_terms(jax.random.PRNGKey(7), role_L, NLL_L, cfg=cfg, rows=ROWS))
   exact = float(NLL_L.sum())
   np.testing.assert_array_equal(count_B, L)
@@ -72,9 +72,9 @@ def test_conditional_modes_with_pairs(name):
   """Pair rows: a condition is an ELBO term only in joint mode, so E[sum] = sum_target nll +
   p_joint * sum_condition nll, and E[count] likewise."""
   cfg = corruption.DiffusionConfig(schedules=(name,) * 3, complementary=True, mode_probs=(0.5, 0.3, 0.2))
-  role_L = np.where(np.arange(L) < 20, spec.CONDITION, spec.TARGET).astype(np.int32)
+  role_L = np.where(np.arange(L) < 20, vocab_lib.CONDITION, vocab_lib.TARGET).astype(np.int32)
   term_B, count_B, _ = jax.device_get(_weighted_terms(jax.random.PRNGKey(11), role_L, NLL_L, cfg=cfg, rows=ROWS))
-  cond = role_L == spec.CONDITION
+  cond = role_L == vocab_lib.CONDITION
   exact = NLL_L[~cond].sum() + 0.5 * NLL_L[cond].sum()
   ratio, se = _ratio_and_se(term_B, exact)
   assert 4 * se < 0.01 and abs(ratio - 1) < 0.01, (ratio, se)
@@ -93,10 +93,10 @@ def test_uniform_logits_give_log_vocab_per_token(name, complementary):
   nll_L = loss_lib.vocab_parallel_nll(jnp.zeros((1, L, VOCAB.size)), targets_1L, modality_1L, allowed_MV,
                                       sharder)[0]
   cfg = corruption.DiffusionConfig(schedules=(name,) * 3, complementary=complementary)
-  _, _, sums = jax.device_get(_weighted_terms(jax.random.PRNGKey(3), np.full((L,), spec.TARGET, np.int32),
+  _, _, sums = jax.device_get(_weighted_terms(jax.random.PRNGKey(3), np.full((L,), vocab_lib.TARGET, np.int32),
                                               nll_L, cfg=cfg, rows=ROWS // 2))
   out = loss_lib.finalize(sums)
-  for m, size in zip(spec.MODALITIES, (VOCAB.text_size, VOCAB.image_size, VOCAB.audio_size)):
+  for m, size in zip(vocab_lib.MODALITIES, (VOCAB.text_size, VOCAB.image_size, VOCAB.audio_size)):
     np.testing.assert_allclose(out[f'loss/{m}'], np.log(size), rtol=0.01, err_msg=m)
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from pairs_fixtures import audio_cfg, audio_data, image_cfg, image_data, text_tokenizer  # pylint: disable=unused-import
-from tmdm import config_lib
+from tmdm import errors
+from tmdm.config import loader as config_loader
 from tmdm.data import store
-from tmdm.modalities import audio, image, text
-from tmdm.tokenizers import base
+from tmdm.datasets import audio, image, text
+from tmdm.tokenizers import registry
 
 
 def _check_common(root, manifest, text_data, field, tokens_per_item):
@@ -23,7 +24,7 @@ def _check_common(root, manifest, text_data, field, tokens_per_item):
   entry = manifest['tokenizers'][field]
   assert {'name', 'codebook_size', 'tokens_per_item', 'sha256', 'file'} <= set(entry)
   assert entry['codebook_size'] == 1000 and entry['tokens_per_item'] == tokens_per_item
-  tok = base.load(os.path.join(root, entry['file']))
+  tok = registry.load(os.path.join(root, entry['file']))
   assert tok.sha256 == entry['sha256'] and tok.name == entry['name']
   assert manifest == store.read_manifest(root)
   tt = text_tokenizer(text_data)
@@ -108,19 +109,19 @@ def test_missing_espeak_is_one_clear_line(monkeypatch, tmp_path, text_data):
 
 
 def test_levels_must_match_vocab():
-  cfg = config_lib.load('experiments/smoke.py')
+  cfg = config_loader.load('experiments/smoke.py')
   assert np.prod(cfg.image.levels) == cfg.vocab.image_size
-  with pytest.raises(config_lib.ConfigError, match=r'image.levels \(8, 5, 5\) give 200 codes but vocab.image_size '
+  with pytest.raises(errors.ConfigError, match=r'image.levels \(8, 5, 5\) give 200 codes but vocab.image_size '
                      r'is 1000'):
-    config_lib.load('experiments/smoke.py', ['--config.image.levels=(8, 5, 5)'])
-  with pytest.raises(config_lib.ConfigError, match='vocab.audio_size'):
-    config_lib.load('experiments/smoke.py', ['--config.vocab.audio_size=512'])
+    config_loader.load('experiments/smoke.py', ['--config.image.levels=(8, 5, 5)'])
+  with pytest.raises(errors.ConfigError, match='vocab.audio_size'):
+    config_loader.load('experiments/smoke.py', ['--config.vocab.audio_size=512'])
 
 
 def test_prepare_skips_ready_pairs_and_refuses_changed_settings(image_data, audio_data, text_data, tmp_path,
                                                                   caplog):
   """`tmdm prepare` on datasets built by the fixtures with the same settings does no work."""
-  from tmdm import commands  # pylint: disable=import-outside-toplevel
+  from tmdm import cli as commands  # pylint: disable=import-outside-toplevel
   data_root = str(tmp_path / 'data')
   os.makedirs(data_root)
   for name, (root, _) in (('fortunes-smoke', (os.path.join(text_data, 'fortunes-smoke'), None)),
@@ -138,6 +139,6 @@ def test_prepare_skips_ready_pairs_and_refuses_changed_settings(image_data, audi
   with caplog.at_level('INFO', logger='tmdm'):
     assert commands.prepare(args, overrides) == 0
   assert 'image dataset' in caplog.text and 'audio dataset' in caplog.text and caplog.text.count('is ready') == 3
-  with pytest.raises(config_lib.ConfigError, match='holds an image dataset built with other image'):
+  with pytest.raises(errors.ConfigError, match='holds an image dataset built with other image'):
     commands.prepare(args, overrides + ['--config.image.train_steps=7'])
   json.dumps(img)  # Settings are plain JSON.

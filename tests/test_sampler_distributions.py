@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from tmdm import optim, sharding, train_state
+from tmdm import optim, vocab as vocab_lib
 from tmdm.diffusion import corruption, sampling
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state
 from helpers import tiny_config
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 STARTS = np.array([VOCAB.range(m)[0] for m in range(3)])
 
 # Reference alpha(t) = P(clean at t), per schedule name: (name, parameter) -> float64 function.
@@ -215,9 +216,9 @@ def _guidance_canvas():
   rng = np.random.default_rng(3)
   tokens = np.full((8, 13), VOCAB.mask_id, np.int32)
   tokens[:, 0] = VOCAB.id('<txt>')
-  tokens[:, 1:4] = rng.integers(*VOCAB.range(spec.TEXT), (8, 3))
+  tokens[:, 1:4] = rng.integers(*VOCAB.range(vocab_lib.TEXT), (8, 3))
   modality = np.zeros_like(tokens)
-  modality[4:, 7:] = spec.IMAGE
+  modality[4:, 7:] = vocab_lib.IMAGE
   cond = np.zeros_like(tokens)
   cond[:, 1:4] = 1
   return {'tokens': tokens, 'segment_ids': np.ones_like(tokens), 'positions': np.tile(np.arange(13), (8, 1)),

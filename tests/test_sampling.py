@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmdm import optim, sharding, train_state
+from tmdm import optim, vocab as vocab_lib
 from tmdm.diffusion import corruption, sampling
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state
 from helpers import tiny_config
 
-VOCAB = spec.VocabSpec(37, 11, 13, multiple=8)
+VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 S = sampling.SamplerSpec
 
 
@@ -49,7 +50,7 @@ def _canvas():
   tokens[:, 0] = VOCAB.id('<txt>')
   tokens[:, 1:3] = VOCAB.text_start + np.arange(8)[:, None] % 5 + np.array([4, 9])
   modality = np.zeros_like(tokens)
-  modality[4:, 6:] = spec.IMAGE
+  modality[4:, 6:] = vocab_lib.IMAGE
   cond = np.zeros_like(tokens)
   cond[:, 1:3] = 1
   return {'tokens': tokens, 'segment_ids': np.ones_like(tokens), 'positions': np.tile(np.arange(13), (8, 1)),
@@ -134,7 +135,7 @@ def test_out_of_range_tokens_are_impossible(name):
 
 
 def test_count_schedules_start_full_and_end_empty():
-  sched = corruption.DiffusionConfig().schedule(spec.TEXT)
+  sched = corruption.DiffusionConfig().schedule(vocab_lib.TEXT)
   for fn in sampling.COUNT_SCHEDULES.values():
     assert abs(float(fn(jnp.float32(0.0), sched)) - 1) < 1e-6 and abs(float(fn(jnp.float32(1.0), sched))) < 1e-6
   for fn in sampling.GUIDANCE_SCHEDULES.values():  # each averages to 1 over t

@@ -9,7 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from tmdm import cli, scaling
+from tmdm import cli
+from tmdm.scaling import laws as scaling
+from tmdm.training import setup as setup_lib
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'chinchilla_fig4_points.csv')
 # Hoffmann et al. 2022's published approach-3 law: a realistic target for the synthetic tests.
@@ -108,12 +110,12 @@ def test_results_rows_need_the_required_keys(tmp_path):
 def test_compile_check_reports_memory_without_allocating():
   """The real train step compiled for a 2x2x2 mesh from ShapeDtypeStructs: per-device parameter
   bytes are the sharded shares, Adam keeps two moments per parameter, and the formula FLOPs match."""
-  from tmdm import compile_check, train  # pylint: disable=import-outside-toplevel
+  from tmdm.tools import compile_check  # pylint: disable=import-outside-toplevel
   from helpers import tiny_config  # pylint: disable=import-outside-toplevel
   cfg = tiny_config()
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   report = compile_check.check(cfg)
-  model_cfg = train.setup(cfg).model_cfg
+  model_cfg = setup_lib.build(cfg).model_cfg
   total = 4 * model_cfg.num_params  # float32 parameters
   assert report.mesh == (2, 2, 2) and report.devices == 8
   assert total / 4 <= report.params < total  # Sharded over fsdp x tensor = 4, norms replicated.

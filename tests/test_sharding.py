@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from tmdm import config_lib, optim, sharding, train_step
+from tmdm import optim, vocab as vocab_lib
 from tmdm.diffusion import corruption
 from tmdm.model import config as model_config, transformer
-from tmdm.modalities import spec
-from tmdm import train_state
+from tmdm.parallel import mesh as mesh_lib, sharding
+from tmdm.training import state as train_state, step as train_step
 from helpers import random_batch, tiny_config
 
 MESHES = [(1, 8, 1), (2, 2, 2), (2, 1, 4), (8, 1, 1)]
@@ -22,14 +22,14 @@ MESHES = [(1, 8, 1), (2, 2, 2), (2, 1, 4), (8, 1, 1)]
 def _grads(mesh_shape, microbatches=1, complementary=False, loss_chunk=0):
   cfg = tiny_config(loss_chunk=loss_chunk)
   cfg.diffusion.complementary = complementary
-  vocab = spec.VocabSpec.from_config(cfg.vocab)
+  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
   sharder = sharding.Sharder(sharding.make_mesh(mesh_shape))
   mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
   model = transformer.Transformer(mcfg, sharder)
   tx = optim.build(cfg.optim, 10, mcfg.group_multipliers())
   state = train_state.create(model, tx, sharder, cfg.data.seq_len, seed=0)
   rows = 16 if not complementary else 8
-  batch = random_batch(vocab, rows, cfg.data.seq_len, seed=3, modalities=(spec.TEXT, spec.IMAGE, spec.AUDIO))
+  batch = random_batch(vocab, rows, cfg.data.seq_len, seed=3, modalities=(vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO))
   batch = {k: jax.device_put(v, sharder.batch()) for k, v in batch.items()}
   fn = jax.jit(functools.partial(train_step.grads_and_sums, model=model, vocab=vocab, sharder=sharder,
                                  diff_cfg=corruption.DiffusionConfig.from_config(cfg.diffusion),
@@ -77,7 +77,7 @@ def test_complementary_sharded_matches_one_device():
 def test_mesh_validation_uses_devices():
   cfg = tiny_config()
   cfg.mesh.update(data=-1, fsdp=2, tensor=2)
-  assert config_lib.resolve_mesh(cfg.mesh, 8).as_tuple() == (2, 2, 2)
+  assert mesh_lib.resolve_mesh(cfg.mesh, 8).as_tuple() == (2, 2, 2)
 
 
 def test_a_tensor_axis_spanning_processes_is_refused():

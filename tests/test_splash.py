@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmdm import base_config, config_lib, optim, sharding, train_state, train_step
+from tmdm import errors, optim, vocab as vocab_lib
+from tmdm.config import base as base_config, checks as config_checks
 from tmdm.diffusion import corruption
 from tmdm.model import config as model_config, layers, transformer
-from tmdm.modalities import spec
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state, step as train_step
 from helpers import random_batch, tiny_config
 
 F32_RTOL = 1e-5
@@ -122,16 +124,16 @@ def test_auto_picks_splash_only_for_tpu():
 def test_config_rejects_block_sizes_off_the_lanes():
   cfg = base_config.get_config()
   cfg.model.update(attention_impl='splash', remat='dots_no_batch')
-  config_lib.validate(cfg)
+  config_checks.validate(cfg)
   cfg.model.splash_block_kv_bwd = 100
-  with pytest.raises(config_lib.ConfigError, match='splash_block_kv_bwd must be a positive multiple of 128'):
-    config_lib.validate(cfg)
+  with pytest.raises(errors.ConfigError, match='splash_block_kv_bwd must be a positive multiple of 128'):
+    config_checks.validate(cfg)
 
 
 def _losses(impl, steps=3, mesh=(2, 2, 2)):
   cfg = tiny_config()
   cfg.model.attention_impl = impl
-  vocab = spec.VocabSpec.from_config(cfg.vocab)
+  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
   sharder = sharding.Sharder(sharding.make_mesh(mesh))
   mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
   model = transformer.Transformer(mcfg, sharder)
@@ -143,7 +145,7 @@ def _losses(impl, steps=3, mesh=(2, 2, 2)):
   out = []
   with jax.default_matmul_precision('highest'):
     for i in range(steps):
-      batch = random_batch(vocab, 8, cfg.data.seq_len, seed=11 + i, modalities=(spec.TEXT, spec.IMAGE, spec.AUDIO))
+      batch = random_batch(vocab, 8, cfg.data.seq_len, seed=11 + i, modalities=(vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO))
       batch['segment_ids'][0, -2:] = 0  # padding in one row
       state, metrics = step_fn(state, {k: jax.device_put(v, sharder.batch()) for k, v in batch.items()})
       m = jax.device_get(metrics)

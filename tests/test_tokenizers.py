@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 from pairs_fixtures import audio_data, image_data  # pylint: disable=unused-import
-from tmdm.tokenizers import audio as audio_tok
-from tmdm.tokenizers import base, fsq, mel
-from tmdm.tokenizers import image as image_tok
+from tmdm.tokenizers import audio as audio_tok, base, fsq, image as image_tok, mel, registry
 
 # Quality floors of the tiny tokenizers of pairs_fixtures.py (150 steps, seconds on 2 CPU cores; they
 # measured 24-27 dB and 0.65-0.8 log units). Each test also beats a trivial baseline by a wide margin:
@@ -67,15 +65,15 @@ def test_stft_inverts_and_griffin_lim_converges():
 
 def test_image_tokenizer_quality_and_round_trip(image_data, tmp_path):
   root, _ = image_data
-  tok = base.load(os.path.join(root, 'tokenizer'))
+  tok = registry.load(os.path.join(root, 'tokenizer'))
   assert isinstance(tok, image_tok.ImageTokenizer)
   assert (tok.codebook_size, tok.tokens_per_item) == (1000, 64)
   from sklearn import datasets  # pylint: disable=import-outside-toplevel
-  from tmdm.modalities import image  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import image  # pylint: disable=import-outside-toplevel
   labels = np.load(os.path.join(root, 'labels', 'val.npy'))
   assert (labels >= 0).sum() >= 30
   # Held-out digits: the ones the split rule sent to val (never seen by the tokenizer).
-  from tmdm.modalities import pairs  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import pairs  # pylint: disable=import-outside-toplevel
   digits = datasets.load_digits().images
   held = [i for i in range(len(digits)) if pairs.is_val(f'digit-{i}', 0.1)][:64]
   x = np.stack([image.digit_to_rgb(digits[i]) for i in held]).astype(np.float32) / 255
@@ -88,7 +86,7 @@ def test_image_tokenizer_quality_and_round_trip(image_data, tmp_path):
   assert db > image_tok.psnr(x, np.broadcast_to(x.mean(0), x.shape)).mean() + 8
   # Save -> load keeps weights, hash and codes; the hash changes when a weight does.
   tok.save(str(tmp_path / 'copy'))
-  again = base.load(str(tmp_path / 'copy'))
+  again = registry.load(str(tmp_path / 'copy'))
   assert again.sha256 == tok.sha256
   np.testing.assert_array_equal(again.encode(x), codes)
   changed = jax.tree.map(lambda w: w + 1e-3, tok.params)
@@ -99,10 +97,10 @@ def test_image_tokenizer_quality_and_round_trip(image_data, tmp_path):
 
 def test_audio_tokenizer_quality_and_decode(audio_data):
   root, _ = audio_data
-  tok = base.load(os.path.join(root, 'tokenizer'))
+  tok = registry.load(os.path.join(root, 'tokenizer'))
   assert isinstance(tok, audio_tok.AudioTokenizer)
   assert tok.tokens_per_item == int(tok.cfg.seconds * 25) and tok.codebook_size == 1000
-  from tmdm.modalities import audio  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import audio  # pylint: disable=import-outside-toplevel
   clips = [audio.read_wav(os.path.join(root, 'listen', f'{i:02d}_original.wav'))[0] for i in range(2)]
   codes = tok.encode(np.stack(clips))
   assert codes.shape == (2, tok.tokens_per_item)

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from tmdm import cli, compile_check
+from tmdm import cli
+from tmdm.tools import compile_check
 from helpers import REPO, tiny_config
 
 needs_libtpu = pytest.mark.skipif(not compile_check.libtpu_available(),
@@ -58,7 +59,7 @@ def test_topology_names_and_aliases():
   assert resolve('v5e:16x16') == 'v5e:16x16' and resolve('v5e-256') == 'v5e:16x16' and resolve('v6e-8') == 'v6e:2x4'
   assert resolve('v5p-256') == 'v5p:4x4x8' and resolve('v5p-8') == 'v5p:2x2x1' and resolve('v4-128') == 'v4:4x4x4'
   assert resolve('v5litepod-64') == 'v5e:8x8'
-  with pytest.raises(compile_check.config_lib.ConfigError, match='unknown TPU topology'):
+  with pytest.raises(compile_check.errors.ConfigError, match='unknown TPU topology'):
     resolve('tpu-please')
 
 
@@ -77,7 +78,7 @@ def test_fit_needs_a_topology(capsys):
 def test_fit_candidates_and_recompute_ranking():
   """Knob settings respect the mesh and batch; recomputed FLOPs follow the formula's pieces."""
   from tmdm.model import config as model_config  # pylint: disable=import-outside-toplevel
-  cfg = compile_check.config_lib.load_file(SMOKE)  # batch 16, 2 heads
+  cfg = compile_check.config_loader.load_file(SMOKE)  # batch 16, 2 heads
   cands = compile_check.candidates(cfg, 4)
   assert {k.mesh for k in cands} == {(1, 4, 1), (1, 2, 2)}  # tensor 4 does not divide 2 heads
   assert all((16 // k.microbatches) % k.mesh[1] == 0 for k in cands)
@@ -105,6 +106,6 @@ def test_size_presets_name_the_slice_they_were_fitted_for():
   for name, preset in sizes.PRESETS.items():
     topology = compile_check.resolve_topology(preset['topology'])
     chips = math.prod(int(x) for x in topology.split(':')[1].split('x'))
-    cfg = compile_check.config_lib.load(f'{path}:{name}', num_devices=chips)
+    cfg = compile_check.config_loader.load(f'{path}:{name}', num_devices=chips)
     assert cfg.data.seq_len == 2048 and cfg.train.batch_size == preset['batch'], name
     assert cfg.model.attention_impl == 'auto' and cfg.model.remat == preset['exec']['remat'], name

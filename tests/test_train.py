@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from tmdm import config_lib, metrics, train
+from tmdm.config import loader as config_loader
+from tmdm.training import loop as train, metrics
 from helpers import REPO
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
@@ -15,7 +16,7 @@ SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
 
 def _cfg(text_data, preset='', **overrides):
   args = [f'--config.{k}={v}' for k, v in overrides.items()]
-  cfg = config_lib.load(SMOKE + (f':{preset}' if preset else ''), args, num_devices=8)
+  cfg = config_loader.load(SMOKE + (f':{preset}' if preset else ''), args, num_devices=8)
   cfg.data.root = text_data
   cfg.train.progress = False
   return cfg

@@ -1,4 +1,4 @@
-"""The `tmdm` command: flags -> config -> the subcommand (registry in commands.py).
+"""The `tmdm` command: argparse and the registry of subcommands, each handler a few lines.
 
   tmdm prepare --config=experiments/demo.py[:preset] [--config.k=v ...]
   tmdm train   --config=experiments/demo.py[:preset] --workdir=DIR [--config.k=v ...]
@@ -6,13 +6,20 @@
   tmdm <command> --help
 
 `--host_devices=N` (any subcommand) simulates N devices on the CPU: it sets XLA_FLAGS before jax is
-imported. Errors a user can fix (config, missing data) print one line and exit with status 2.
+imported; so this module imports jax and the rest of tmdm only inside the handlers, after it. Errors a
+user can fix (errors.USER_ERRORS) print one line and exit with status 2.
 """
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
+
+from tmdm import errors
+
+log = logging.getLogger('tmdm')
 
 
 def _take_host_devices(argv):
@@ -34,6 +41,223 @@ def _take_host_devices(argv):
   return rest
 
 
+# The handlers: (args, config overrides) -> exit status. Each imports what it runs (after XLA_FLAGS).
+
+def _start_distributed(args):
+  from tmdm.parallel import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def prepare(args, overrides):
+  from tmdm.config import loader  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import prepare as prepare_lib  # pylint: disable=import-outside-toplevel
+  return prepare_lib.prepare(loader.load(args.config, overrides), force=args.force)
+
+
+def train(args, overrides):
+  import jax  # pylint: disable=import-outside-toplevel
+  from tmdm.config import loader  # pylint: disable=import-outside-toplevel
+  from tmdm.evaluation import evaluators  # pylint: disable=import-outside-toplevel
+  from tmdm.training import loop  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  cfg = loader.load(args.config, overrides, num_devices=jax.device_count(), process_count=jax.process_count())
+  final = loop.run(cfg, args.workdir, generation_eval=evaluators.TrainingEvaluator() if cfg.eval.every_steps else None)
+  log.info('final: %s', json.dumps({k: float(f'{float(v):.5g}') for k, v in final.items()}))
+  return 0
+
+
+def sample(args, overrides):
+  from tmdm.generation import generate  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  samples = generate.sample_command(args.workdir, task=args.task, prompts=args.prompt, inputs=args.input, n=args.n,
+                                    out_dir=args.out, seed=args.seed, overrides=overrides)
+  for i, smp in enumerate(samples):
+    if isinstance(smp.output, str):
+      print(f'--- sample {i} ({smp.prompt})\n{smp.output}')
+  return 0
+
+
+def eval_(args, overrides):
+  from tmdm.evaluation import evaluators  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  results = evaluators.eval_command(args.workdir, overrides, out_path=args.out)
+  for k, v in results.items():
+    print(f'{k:32s} {v:.5g}' if isinstance(v, float) else f'{k:32s} {v}')
+  return 0
+
+
+def sample_sweep(args, overrides):
+  from tmdm.tools import sample_sweep as sweep  # pylint: disable=import-outside-toplevel
+  sweep.sweep_command(args.workdir, args.task, rules=args.rules, steps=args.steps, temperatures=args.temperatures,
+                      guidance=args.guidance, out_dir=args.out, record_path=args.record, tolerance=args.tolerance,
+                      overrides=overrides, command='tmdm ' + ' '.join(sys.argv[1:]))
+  return 0
+
+
+def bench_sample(args, overrides):
+  from tmdm.tools import sample_bench  # pylint: disable=import-outside-toplevel
+  if bool(args.workdir) == bool(args.config):
+    raise errors.ConfigError('give exactly one of --workdir (a trained model) or --config (a fresh one)')
+  sample_bench.bench_command(workdir=args.workdir, config=args.config, task=args.task, steps=args.steps,
+                             batch=args.batch, repeats=args.repeats, overrides=overrides)
+  return 0
+
+
+def bench(args, overrides):
+  from tmdm.tools import bench as bench_lib  # pylint: disable=import-outside-toplevel
+  return bench_lib.bench_command(args, overrides)
+
+
+def compile_check(args, overrides):
+  from tmdm.tools import compile_check as cc  # pylint: disable=import-outside-toplevel
+  return cc.command(args, overrides)
+
+
+def scaling(args, overrides):
+  from tmdm.scaling import report  # pylint: disable=import-outside-toplevel
+  if overrides:
+    raise errors.ConfigError('tmdm scaling takes no --config overrides')
+  return report.command(args)
+
+
+# The arguments of each subcommand.
+
+def _config_arg(p, required=True):
+  p.add_argument('--config', required=required, help='experiments/FILE.py[:preset]')
+
+
+def _distributed_args(p):
+  p.add_argument('--coordinator', default='', help='multi-process: coordinator host:port (else detected)')
+  p.add_argument('--num_processes', type=int, default=0, help='multi-process: number of processes')
+  p.add_argument('--process_id', type=int, default=-1, help='multi-process: this process (0-based)')
+
+
+def _prepare_args(p):
+  _config_arg(p)
+  p.add_argument('--force', action='store_true', help='rebuild datasets that exist')
+
+
+def _train_args(p):
+  _config_arg(p)
+  p.add_argument('--workdir', required=True, help='run folder: checkpoints, metrics, config')
+  _distributed_args(p)
+
+
+def _sample_args(p):
+  from tmdm.generation import tasks  # pylint: disable=import-outside-toplevel
+  p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
+  p.add_argument('--task', default='text', choices=sorted(tasks.TASKS),
+                 help='; '.join(f'{k}: {t.help}' for k, t in tasks.TASKS.items()))
+  p.add_argument('--prompt', action='append', default=[],
+                 help='text, t2i, t2s: the prompt (repeatable; t2i/t2s default: held-out captions); '
+                      's2t: text spoken by espeak-ng')
+  p.add_argument('--input', action='append', default=[],
+                 help='i2t: image files, s2t: WAV files (globs, repeatable; default: held-out pairs)')
+  p.add_argument('--n', type=int, default=0, help='samples per prompt, or held-out pairs (default: sample.num)')
+  p.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples/TASK)')
+  p.add_argument('--seed', type=int, default=0, help='random seed')
+  _distributed_args(p)
+
+
+def _eval_args(p):
+  p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
+  p.add_argument('--out', default=None, help='JSON of the results (default: WORKDIR/eval_STEP.json)')
+  _distributed_args(p)
+
+
+def _sample_sweep_args(p):
+  p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
+  p.add_argument('--task', required=True, choices=['text', 't2i', 't2s', 'i2t', 's2t'])
+  p.add_argument('--rules', default='ancestral,confidence:cosine,confidence:linear,threshold:0.9',
+                 help='reveal rules: ancestral, confidence:SCHEDULE, threshold:TAU (comma list)')
+  p.add_argument('--steps', default='8,16,32', help='steps (comma list)')
+  p.add_argument('--temperatures', default='0.7,1.0', help='temperatures (comma list)')
+  p.add_argument('--guidance', default='0,1,3', help='guidance weights (comma list; ignored for text)')
+  p.add_argument('--tolerance', type=float, default=0.0,
+                 help='treat settings this close to the best metric as ties (broken by the secondary metric, then forward passes)')
+  p.add_argument('--out', default=None, help='folder for sweep.csv/.md/.png (default: WORKDIR/sample_sweep/TASK)')
+  p.add_argument('--record', default='', metavar='FILE.json',
+                 help='write the chosen setting (with metric and command) into FILE.json and print the experiment line')
+
+
+def _bench_sample_args(p):
+  p.add_argument('--workdir', default='', help='a training workdir (its latest checkpoint)')
+  p.add_argument('--config', default='', help='or an experiment config (freshly initialized model, no data needed)')
+  p.add_argument('--task', default='t2i', choices=['text', 't2i', 't2s', 'i2t', 's2t'])
+  p.add_argument('--steps', default='8,16,32,64,128', help='steps (comma list)')
+  p.add_argument('--batch', type=int, default=16, help='rows per sampling call')
+  p.add_argument('--repeats', type=int, default=3, help='timed calls per row')
+
+
+def _bench_args(p):
+  p.add_argument('what', choices=['step', 'pipeline', 'input', 'checkpoint'],
+                 help='step: the train step at the yardstick shapes; pipeline: Grain alone; input: training with the '
+                      'real pipeline vs one in-memory batch; checkpoint: loop blocking per async save, restore time')
+  p.add_argument('--config', default='', help='pipeline / input / checkpoint: experiments/FILE.py[:preset]')
+  p.add_argument('--preset', default='cpu-small', help='cpu-small, bench-0.5b or bench-1b (the yardstick shapes)')
+  p.add_argument('--batch', type=int, default=0, help='rows per step (default: the yardstick batch, 8)')
+  p.add_argument('--remat', default='', help="'none', 'dots' or 'full' (default: the config's)")
+  p.add_argument('--microbatches', type=int, default=1, help='gradient-accumulation microbatches')
+  p.add_argument('--segments', type=int, default=1, help='packed documents per row (segment-masked attention)')
+  p.add_argument('--steps', type=int, default=10, help='timed steps (after 3 warm-up steps)')
+  p.add_argument('--yardstick', default='', help='path of plain_step.py: run it too and print the ratio')
+
+
+def _compile_check_args(p):
+  _config_arg(p)
+  p.add_argument('--mesh', action='append', default=[], metavar='D,F,T',
+                 help='data,fsdp,tensor sizes (repeatable; default: the config\'s mesh on the visible devices)')
+  p.add_argument('--hbm_gib', type=float, default=0.0,
+                 help='per-device memory to check the peak against (0: off; on a --topology, the compiler\'s own)')
+  p.add_argument('--topology', default='',
+                 help='compile for TPU chips from this host via libtpu: v5e:16x16, v5p:4x4x8, v6e:8x8, or v5e-256 '
+                      '(chips), v5p-256 (TensorCores); exit 1 when the step does not fit')
+  p.add_argument('--fit', action='store_true',
+                 help='with --topology: search remat, loss chunking, microbatches and the tensor split for '
+                      'settings that fit, fewest recomputed FLOPs first')
+  p.add_argument('--fit_limit', type=int, default=3, help='--fit stops after this many fitting settings')
+
+
+def _scaling_args(p):
+  sub = p.add_subparsers(dest='scaling_command', required=True)
+  fit = sub.add_parser('fit', help='fit L(N, D) = E + A/N^alpha + B/D^beta per modality; write fit.json and plots')
+  fit.add_argument('results', help='JSONL: one row per run and modality with params, tokens, modality, loss')
+  fit.add_argument('--out', required=True, help='folder for fit.json and the PNG plots')
+  fit.add_argument('--bootstrap', type=int, default=100, help='bootstrap resamples for intervals (0: none)')
+  fit.add_argument('--level', type=float, default=0.9, help='interval coverage')
+  fit.add_argument('--starts', type=int, default=64, help='L-BFGS starts: the best grid points (0: whole grid)')
+  fit.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  fit.add_argument('--delta', type=float, default=1e-3, help='Huber delta on log-loss residuals (Hoffmann: 1e-3)')
+  plan = sub.add_parser('plan', help='compute-optimal model size and tokens for a FLOP budget')
+  plan.add_argument('--fit', required=True, help='fit.json written by `tmdm scaling fit`')
+  plan.add_argument('--flops', type=float, required=True, help='training FLOP budget C (C = 6 N D)')
+  plan.add_argument('--modality', default='', help='one modality (default: every fitted modality)')
+  plan.add_argument('--tokens_per_step', type=int, default=0, help='batch x seq_len, to print the step count')
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  help: str
+  add_arguments: object  # argparse parser -> None
+  run: object  # (args, overrides) -> exit status
+
+
+COMMANDS = {
+    'prepare': Command('build datasets and tokenizers', _prepare_args, prepare),
+    'train': Command('train, or resume from the latest checkpoint', _train_args, train),
+    'sample': Command('generate from a trained workdir (text, t2i, t2s, i2t, s2t) with an HTML gallery',
+                      _sample_args, sample),
+    'eval': Command('evaluate a trained workdir (eval.tasks: ELBO, T2I digits, T2S, I2T, S2T)', _eval_args, eval_),
+    'sample-sweep': Command('sweep sampler settings for a task; table, plot, --record the defaults',
+                            _sample_sweep_args, sample_sweep),
+    'bench-sample': Command('sampling throughput and latency against steps', _bench_sample_args, bench_sample),
+    'bench': Command('benchmark the real train step on synthetic tokens', _bench_args, bench),
+    'compile-check': Command('compile the train step for a mesh without allocating it; print memory and FLOPs',
+                             _compile_check_args, compile_check),
+    'scaling': Command('fit scaling laws to sweep results; plan a compute-optimal run', _scaling_args, scaling),
+}
+
+
 def main(argv=None):
   argv = _take_host_devices(sys.argv[1:] if argv is None else list(argv))
   overrides = [a for a in argv if a.startswith('--config.')]
@@ -42,16 +266,15 @@ def main(argv=None):
   for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
-  from tmdm import commands  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS)
   parser = argparse.ArgumentParser(prog='tmdm', description='Tri-modal masked diffusion pretraining.',
                                    epilog='Any subcommand also takes --host_devices=N and --config.KEY=VALUE.')
   sub = parser.add_subparsers(dest='command', required=True)
-  for name, command in commands.COMMANDS.items():
+  for name, command in COMMANDS.items():
     command.add_arguments(sub.add_parser(name, help=command.help))
   args = parser.parse_args(argv)
   try:
-    return commands.COMMANDS[args.command].run(args, overrides)
-  except commands.USER_ERRORS as e:
+    return COMMANDS[args.command].run(args, overrides)
+  except errors.USER_ERRORS as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__  # Grain appends traceback notes.
     print(f'tmdm {args.command}: error: {message}', file=sys.stderr)
     return 2

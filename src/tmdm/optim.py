@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tmdm import errors
 from tmdm.model import transformer
 
 log = logging.getLogger('tmdm')
@@ -170,8 +171,7 @@ def check_critical_batch(p: Plan, on_exceeding: str) -> bool:
   if not p.exceeds_crit:
     return False
   if on_exceeding == 'error':
-    from tmdm.config_lib import ConfigError  # pylint: disable=import-outside-toplevel  (config_lib imports us)
-    raise ConfigError(p.crit_message())
+    raise errors.ConfigError(p.crit_message())
   log.warning(p.crit_message())
   return True
 
@@ -206,6 +206,9 @@ def lr_schedule(o, num_steps: int, warmup_frac=None):
 
 class EmaState(NamedTuple):
   ema_params: Any
+
+
+EMA_FIELD = EmaState._fields[0]  # Where checkpoints keep the weight EMA (training/checkpoint.restore_params).
 
 
 def params_ema(decay) -> optax.GradientTransformation:
@@ -256,12 +259,16 @@ def sde_scaled(p: Plan, schedule, group_multipliers: dict, family: str = 'adamw'
   return optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(**values)
 
 
-def build(o, num_steps: int, group_multipliers: dict, *, batch_size=None, seq_len=None) -> optax.GradientTransformation:
+def build(o, num_steps: int, group_multipliers: dict, *, batch_size=None, seq_len=None,
+          run_plan: Plan | None = None) -> optax.GradientTransformation:
   """o: the `optim` config section; group_multipliers: ModelConfig.group_multipliers().
-  batch_size and seq_len are needed once the config pins a base (base_batch or logical_batch)."""
+  run_plan: the run's Plan (training.setup computes it once); without it, batch_size and seq_len are
+  needed once the config pins a base (base_batch or logical_batch)."""
   if o.name not in OPTIMIZERS:
     raise ValueError(f'optim.name must be one of {tuple(OPTIMIZERS)}, got {o.name!r}')
-  if batch_size is None or seq_len is None:
+  if run_plan is not None:
+    p = run_plan
+  elif batch_size is None or seq_len is None:
     if o.sde_scaling and (o.base_batch or o.base_tokens or o.logical_batch):
       raise ValueError('optim.build needs batch_size and seq_len when optim.base_batch, base_tokens or '
                        'logical_batch is set')
@@ -286,4 +293,4 @@ def live_hyperparams(opt_state) -> dict:
 
 def ema_params(opt_state):
   """The weight EMA kept in the optimizer state (None without optim.ema)."""
-  return optax.tree_utils.tree_get(opt_state, 'ema_params')
+  return optax.tree_utils.tree_get(opt_state, EMA_FIELD)

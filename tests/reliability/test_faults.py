@@ -15,8 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from tmdm import checkpoint, config_lib, metrics, resilience, train
+from tmdm import errors
+from tmdm.config import loader as config_loader
 from tmdm.data import pipeline, store
+from tmdm.training import checkpoint, loop as train, metrics, resilience, setup as setup_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
@@ -28,7 +30,7 @@ def _overrides(**kv):
 
 
 def _cfg(data_root, **kv):
-  cfg = config_lib.load(SMOKE, _overrides(**kv), num_devices=8)
+  cfg = config_loader.load(SMOKE, _overrides(**kv), num_devices=8)
   cfg.data.root = data_root
   cfg.train.progress = False
   return cfg
@@ -201,7 +203,7 @@ def test_bad_token_shards(text_data, tmp_path):
   shard = os.path.join(root, 'fortunes-smoke', 'train', '00001', 'text', 'values', 'c', '0')
   with open(shard, 'rb+') as f:  # a truncated chunk: its records cannot be read
     f.truncate(os.path.getsize(shard) // 3)
-  vocab = train.setup(_cfg(root)).vocab
+  vocab = setup_lib.build(_cfg(root)).vocab
   skips = pipeline.SkipCounter(max_fraction=1.0)
   rows = pipeline.text_dataset(os.path.join(root, 'fortunes-smoke'), 'train', vocab, seq_len=64, seed=0,
                                repeat=False, skips=skips)
@@ -212,7 +214,7 @@ def test_bad_token_shards(text_data, tmp_path):
   with pytest.raises(store.DataError, match=r'records were bad .*train/00001/text'):
     train.run(_cfg(root, **{'train.num_steps': 40}), str(tmp_path / 'run'))  # default 1% limit
   shutil.rmtree(os.path.join(root, 'fortunes-smoke', 'train', '00002'))
-  with pytest.raises(config_lib.ConfigError, match='missing shard array .*train/00002'):
+  with pytest.raises(errors.ConfigError, match='missing shard array .*train/00002'):
     train.run(_cfg(root), str(tmp_path / 'run2'))
 
 
@@ -222,7 +224,7 @@ def test_ids_out_of_range_and_empty_documents_are_counted(tmp_path):
   store.write_manifest(root, modality='text', fields=['text'], source={},
                        tokenizers={'text': {'vocab_size': 512, 'sha256': 'x'}},
                        splits={'train': [store.write_shard(os.path.join(root, 'train', '0'), records, ['text'])]})
-  vocab = train.setup(_cfg(str(tmp_path))).vocab
+  vocab = setup_lib.build(_cfg(str(tmp_path))).vocab
   skips = pipeline.SkipCounter(max_fraction=1.0)
   list(pipeline.text_dataset(root, 'train', vocab, seq_len=16, seed=0, repeat=False, skips=skips))
   assert skips.counts == {'empty': 50, 'out_of_range': 50} and skips.seen == 150
@@ -230,7 +232,7 @@ def test_ids_out_of_range_and_empty_documents_are_counted(tmp_path):
 
 def test_missing_dataset_fails_before_compiling(tmp_path):
   start = time.time()
-  with pytest.raises(config_lib.ConfigError, match='manifest.json is missing'):
+  with pytest.raises(errors.ConfigError, match='manifest.json is missing'):
     train.run(_cfg(str(tmp_path / 'nowhere')), str(tmp_path / 'run'))
   assert time.time() - start < 5 and not os.path.exists(tmp_path / 'run')
 
@@ -245,7 +247,7 @@ def test_tokenizer_hash_mismatch_with_checkpoint(text_data, tmp_path):
   sha = store.read_manifest(os.path.join(root, 'fortunes-smoke'))['tokenizers']['text']['sha256']
   with open(manifest_path, 'w') as f:
     f.write(text.replace(sha, '0' * 64))
-  with pytest.raises(config_lib.ConfigError, match='tokenizer of the text data .* is not the one the checkpoint'):
+  with pytest.raises(errors.ConfigError, match='tokenizer of the text data .* is not the one the checkpoint'):
     train.run(_cfg(root, **dict(kv, **{'train.num_steps': 4})), str(tmp_path / 'run'))
 
 

@@ -14,7 +14,10 @@ import shutil
 import orbax.checkpoint as ocp
 import pytest
 
-from tmdm import checkpoint, config_lib, metrics, train
+from tmdm import errors
+from tmdm.config import checks as config_checks, loader as config_loader
+from tmdm.data import shards as shards_lib
+from tmdm.training import checkpoint, loop as train, metrics
 from test_faults import SMOKE, _cfg, _largest_file
 
 BASE = {'train.num_steps': 4, 'train.log_every_steps': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 3,
@@ -95,18 +98,18 @@ def test_damage_next_to_a_transient_error_is_not_proof():
 
 def test_execution_only_keys_do_not_block_a_resume():
   cfg = _cfg('unused', **{'model.remat': 'full', 'model.loss_chunk': 16, 'model.attention_impl': 'xla'})
-  saved = config_lib.load(SMOKE, num_devices=8).to_dict()
-  shards = checkpoint.DataShards((0,), 1)
+  saved = config_loader.load(SMOKE, num_devices=8).to_dict()
+  shards = shards_lib.DataShards((0,), 1)
   train._check_resumable({'config': saved}, cfg, {}, shards, 'ckpt')  # pylint: disable=protected-access
-  assert config_lib.changed_keys(saved, cfg, config_lib.STATE_SECTIONS) == []
+  assert config_checks.changed_keys(saved, cfg, config_checks.STATE_SECTIONS) == []
   cfg.model.scan_layers = True  # Not execution-only: nn.scan stacks the parameters.
-  with pytest.raises(config_lib.ConfigError, match='model.scan_layers=False'):
+  with pytest.raises(errors.ConfigError, match='model.scan_layers=False'):
     train._check_resumable({'config': saved}, cfg, {}, shards, 'ckpt')  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
 def test_changed_optimizer_state_is_one_config_line_and_moves_nothing(text_data, run_dir):
-  with pytest.raises(config_lib.ConfigError, match=r'optim\.ema \(0\.0 in the checkpoint, 0\.999 now\)') as e:
+  with pytest.raises(errors.ConfigError, match=r'optim\.ema \(0\.0 in the checkpoint, 0\.999 now\)') as e:
     train.run(_cfg(text_data, **dict(BASE, **{'train.num_steps': 6, 'optim.ema': 0.999})), run_dir)
   assert '\n' not in str(e.value) and 'nothing was moved' in str(e.value)
   assert 'optim.lr' not in str(e.value)  # Only the keys that differ are named.

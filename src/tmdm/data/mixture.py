@@ -10,10 +10,10 @@ import os
 
 import grain
 
+from tmdm import vocab as vocab_lib
 from tmdm.data import pipeline, store
-from tmdm.modalities import spec
 
-COMPONENTS = ('text', 'image', 'audio')
+COMPONENTS = vocab_lib.MODALITIES  # One component per modality: text, image-text pairs, audio-text pairs.
 
 
 def root(cfg, name: str) -> str:
@@ -31,7 +31,7 @@ def weights(cfg) -> dict:
   return {k: v for k, v in w.items() if v > 0}
 
 
-def component(cfg, name, vocab: spec.VocabSpec, split, *, seed, shard_index, shard_count, repeat,
+def component(cfg, name, vocab: vocab_lib.VocabSpec, split, *, seed, shard_index, shard_count, repeat,
               num_workers=0, skips=None) -> grain.IterDataset:
   seed = seed + COMPONENTS.index(name)  # Components never share a shuffle.
   common = dict(seq_len=cfg.data.seq_len, seed=seed, shard_index=shard_index, shard_count=shard_count,

@@ -4,8 +4,8 @@ A row is a dict of [L] int32 arrays (a batch stacks rows to [B, L]):
   tokens       clean ids in the joint vocabulary
   segment_ids  document of each position within the row, 1.. (0: padding)
   positions    position within its document (rotary embeddings restart per document)
-  role         spec.FIXED / TARGET / CONDITION
-  modality     spec.TEXT / IMAGE / AUDIO
+  role         vocab_lib.FIXED / TARGET / CONDITION
+  modality     vocab_lib.TEXT / IMAGE / AUDIO
 
 Text documents become `<txt> ids </txt>` and are packed (concatenate, then split at L) so rows
 carry no padding; segment ids keep packed documents from attending to each other.
@@ -35,8 +35,8 @@ import jax
 import numpy as np
 from grain import experimental as grain_exp
 
+from tmdm import vocab as vocab_lib
 from tmdm.data import store
-from tmdm.modalities import spec
 
 ROW_KEYS = ('tokens', 'segment_ids', 'positions', 'role', 'modality')
 _PACKED = ('tokens', 'role', 'modality')
@@ -75,7 +75,7 @@ class SkipCounter:
 @dataclasses.dataclass(frozen=True)
 class TextToRow:
   """Record {'text': tokenizer ids} -> unpacked row fields, or a SKIP marker."""
-  vocab: spec.VocabSpec
+  vocab: vocab_lib.VocabSpec
 
   def __call__(self, record):
     if SKIP in record:
@@ -88,15 +88,15 @@ class TextToRow:
     tokens = np.empty((n,), np.int32)
     tokens[0], tokens[-1] = self.vocab.id('<txt>'), self.vocab.id('</txt>')
     tokens[1:-1] = ids + self.vocab.text_start
-    role = np.full((n,), spec.TARGET, np.int32)
-    role[0] = role[-1] = spec.FIXED
-    return {'tokens': tokens, 'role': role, 'modality': np.full((n,), spec.TEXT, np.int32)}
+    role = np.full((n,), vocab_lib.TARGET, np.int32)
+    role[0] = role[-1] = vocab_lib.FIXED
+    return {'tokens': tokens, 'role': role, 'modality': np.full((n,), vocab_lib.TEXT, np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PairToRow:
   """Record {'text': ids, kind: codes} -> one padded row, or a SKIP marker."""
-  vocab: spec.VocabSpec
+  vocab: vocab_lib.VocabSpec
   kind: str  # 'image' or 'audio'
   seq_len: int
   p_text_first: float
@@ -105,8 +105,8 @@ class PairToRow:
     if SKIP in record:
       return record
     v = self.vocab
-    modality = spec.IMAGE if self.kind == 'image' else spec.AUDIO
-    codebook = v.image_size if modality == spec.IMAGE else v.audio_size
+    modality = vocab_lib.IMAGE if self.kind == 'image' else vocab_lib.AUDIO
+    codebook = v.image_size if modality == vocab_lib.IMAGE else v.audio_size
     text, codes = np.asarray(record['text'], np.int64), np.asarray(record[self.kind], np.int64)
     bad = _bad_ids(text, v.text_size) or _bad_ids(codes, codebook)
     if bad:
@@ -116,11 +116,11 @@ class PairToRow:
       return {SKIP: ('too_long', f'{codes.size} {self.kind} codes in rows of {self.seq_len}')}
     text = text[:room]
     text_first = rng.random() < self.p_text_first
-    open_m, close_m = ('<img>', '</img>') if modality == spec.IMAGE else ('<aud>', '</aud>')
-    task = {(spec.IMAGE, True): '[T2I]', (spec.IMAGE, False): '[I2T]',
-            (spec.AUDIO, True): '[T2S]', (spec.AUDIO, False): '[S2T]'}[modality, text_first]
-    text_role, media_role = (spec.CONDITION, spec.TARGET) if text_first else (spec.TARGET, spec.CONDITION)
-    text_part = ([v.id('<txt>')], text + v.text_start, [v.id('</txt>')], text_role, spec.TEXT)
+    open_m, close_m = ('<img>', '</img>') if modality == vocab_lib.IMAGE else ('<aud>', '</aud>')
+    task = {(vocab_lib.IMAGE, True): '[T2I]', (vocab_lib.IMAGE, False): '[I2T]',
+            (vocab_lib.AUDIO, True): '[T2S]', (vocab_lib.AUDIO, False): '[S2T]'}[modality, text_first]
+    text_role, media_role = (vocab_lib.CONDITION, vocab_lib.TARGET) if text_first else (vocab_lib.TARGET, vocab_lib.CONDITION)
+    text_part = ([v.id('<txt>')], text + v.text_start, [v.id('</txt>')], text_role, vocab_lib.TEXT)
     media_part = ([v.id(open_m)], codes + v.range(modality)[0], [v.id(close_m)], media_role, modality)
     parts = (text_part, media_part) if text_first else (media_part, text_part)
     row = {k: np.zeros((self.seq_len,), np.int32) for k in ROW_KEYS}
@@ -143,7 +143,7 @@ def shard_seed(seed: int, shard_index: int) -> int:
   return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
 
 
-def pair_dataset(root, split, vocab: spec.VocabSpec, *, kind, seq_len, seed, p_text_first, shard_index=0,
+def pair_dataset(root, split, vocab: vocab_lib.VocabSpec, *, kind, seq_len, seed, p_text_first, shard_index=0,
                  shard_count=1, repeat=True, num_workers=0, skips=None) -> grain.IterDataset:
   """Padded pair rows of one split; infinite and shuffled when `repeat`, one ordered pass if not."""
   records = grain.MapDataset.source(store.ShardedRecords(root, split))[shard_index::shard_count]
@@ -173,7 +173,7 @@ def _read(records: grain.MapDataset, num_workers, skips) -> grain.IterDataset:
   return rows.filter(skips or SkipCounter())
 
 
-def text_dataset(root, split, vocab: spec.VocabSpec, *, seq_len, seed, shard_index=0, shard_count=1,
+def text_dataset(root, split, vocab: vocab_lib.VocabSpec, *, seq_len, seed, shard_index=0, shard_count=1,
                  repeat=True, num_workers=0, skips=None) -> grain.IterDataset:
   """Packed text rows of one split; infinite and shuffled when `repeat`, one ordered pass if not."""
   records = grain.MapDataset.source(store.ShardedRecords(root, split))[shard_index::shard_count]

@@ -18,13 +18,13 @@ import os
 import numpy as np
 import tensorstore as ts
 
+from tmdm.errors import DataError
+
 FORMAT = 'tmdm-tokens-v1'
 MANIFEST = 'manifest.json'
 SKIP = 'skip'  # Key of a record that could not be read: {SKIP: (reason, detail)}.
 
 
-class DataError(RuntimeError):
-  """Missing or unreadable dataset files; the message names the file."""
 
 
 def _spec(path):

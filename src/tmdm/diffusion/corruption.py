@@ -2,7 +2,7 @@
 
 Legend: B rows, L positions. Per-position inputs come from the data pipeline:
   tokens_BL    clean ids x0
-  role_BL      spec.FIXED (never masked, never supervised), spec.TARGET, spec.CONDITION
+  role_BL      vocab_lib.FIXED (never masked, never supervised), vocab_lib.TARGET, vocab_lib.CONDITION
   modality_BL  0 text, 1 image, 2 audio: selects the schedule (and the allowed output ids)
 
 Each row draws t ~ U[t_min, 1] ('stratified': one uniform shifted by b/B across the batch, the
@@ -47,11 +47,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from tmdm import vocab as vocab_lib
 from tmdm.diffusion import schedules as schedules_lib
-from tmdm.modalities import spec
 
 JOINT, CONDITIONAL, DROP = 0, 1, 2
 EVAL_MODES = ('joint', 'conditional')
+T_SAMPLING = ('uniform', 'stratified')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +94,9 @@ def sample_times(rng, n: int, cfg: DiffusionConfig):
 
 def per_position(fn, cfg, t_B, modality_BL):
   """Evaluates fn(schedule_m, t_B) for each modality and picks each position's value: [B, L]."""
-  values_MB = jnp.stack([fn(cfg.schedule(m), t_B) for m in range(len(spec.MODALITIES))])
+  values_MB = jnp.stack([fn(cfg.schedule(m), t_B) for m in range(len(vocab_lib.MODALITIES))])
   values_BM = values_MB.T
-  return jnp.take_along_axis(values_BM, jnp.clip(modality_BL, 0, len(spec.MODALITIES) - 1), axis=1)
+  return jnp.take_along_axis(values_BM, jnp.clip(modality_BL, 0, len(vocab_lib.MODALITIES) - 1), axis=1)
 
 
 def _complement_weight(sched, t_B, alpha_min):
@@ -127,8 +128,8 @@ def corrupt(rng, tokens_BL, role_BL, modality_BL, cfg: DiffusionConfig, mask_id:
   w_second_BL = per_position(lambda s, t: _complement_weight(s, t, cfg.pair_alpha_min), cfg, t_B, modality_BL)
   weight_BL = jnp.where(second_B[:, None], w_second_BL, w_first_BL)
 
-  is_target = role_BL == spec.TARGET
-  is_cond = role_BL == spec.CONDITION
+  is_target = role_BL == vocab_lib.TARGET
+  is_cond = role_BL == vocab_lib.CONDITION
   mode = mode_B[:, None]
   cond_noised = is_cond & (mode == JOINT)
   cond_dropped = is_cond & (mode == DROP)

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tmdm import sharding as sharding_lib
-from tmdm.modalities import spec
+from tmdm import vocab as vocab_lib
+from tmdm.parallel import sharding as sharding_lib
 
 
-def allowed_table(vocab: spec.VocabSpec, sharder: sharding_lib.Sharder):
+def allowed_table(vocab: vocab_lib.VocabSpec, sharder: sharding_lib.Sharder):
   """Bool [M, V]: ids each modality may predict (iota comparisons, no baked-in constant)."""
-  bounds = jnp.asarray([vocab.range(m) for m in range(len(spec.MODALITIES))], jnp.int32)
+  bounds = jnp.asarray([vocab.range(m) for m in range(len(vocab_lib.MODALITIES))], jnp.int32)
   ids_V = jnp.arange(vocab.size, dtype=jnp.int32)
   allowed_MV = (ids_V >= bounds[:, :1]) & (ids_V < bounds[:, 1:])
   return sharder.constrain(allowed_MV, (None, 'vocab'))
@@ -85,7 +85,7 @@ def elbo_sums(nll_BL, masked_BL, weight_BL, supervised_BL, modality_BL, focus_BL
   term_BL = jnp.where(masked_BL, weight_BL * nll_BL, 0.0)
   out = {'elbo_sum': jnp.sum(term_BL), 'count': jnp.sum(supervised_BL, dtype=jnp.float32),
          'masked': jnp.sum(masked_BL, dtype=jnp.float32)}
-  for m, name in enumerate(spec.MODALITIES):
+  for m, name in enumerate(vocab_lib.MODALITIES):
     is_m = modality_BL == m
     out[f'elbo_sum/{name}'] = jnp.sum(jnp.where(is_m, term_BL, 0.0))
     out[f'count/{name}'] = jnp.sum(supervised_BL & is_m, dtype=jnp.float32)
@@ -103,7 +103,7 @@ def finalize(sums: dict) -> dict:
   if sums['count'] > 0:
     out['loss'] = float(sums['elbo_sum'] / sums['count'])
     out['masked_frac'] = float(sums['masked'] / sums['count'])
-  for name in spec.MODALITIES:
+  for name in vocab_lib.MODALITIES:
     if sums[f'count/{name}'] > 0:
       loss = float(sums[f'elbo_sum/{name}'] / sums[f'count/{name}'])
       out[f'loss/{name}'] = loss

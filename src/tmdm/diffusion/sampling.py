@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmdm.diffusion import corruption
-from tmdm.diffusion import loss as loss_lib
+from tmdm import vocab as vocab_lib
+from tmdm.data import pipeline
+from tmdm.diffusion import corruption, loss as loss_lib
 from tmdm.model import transformer
 
-CANVAS_KEYS = ('tokens', 'segment_ids', 'positions', 'modality', 'cond')
+CANVAS_KEYS = tuple(k for k in pipeline.ROW_KEYS if k != 'role') + ('cond',)  # Rows without roles, plus cond.
 
 # gamma(r): share of a block's positions still masked after a fraction r of its steps; gamma(0) = 1,
 # gamma(1) = 0. 'noise' follows each row's own training schedule (the ancestral sampler's mean path).
@@ -159,7 +160,7 @@ def _ancestral(st: Step, diff_cfg, knobs):
 def _confidence(st: Step, diff_cfg, knobs, schedule):
   del knobs
   r = (st.i + 1).astype(jnp.float32) / st.steps
-  gammas_M = [COUNT_SCHEDULES[schedule](r, diff_cfg.schedule(m)) for m in range(3)]
+  gammas_M = [COUNT_SCHEDULES[schedule](r, diff_cfg.schedule(m)) for m in range(len(vocab_lib.MODALITIES))]
   gamma_B = jnp.stack(gammas_M)[st.row_modality_B]
   # Tolerance: gamma(1) = cos(pi / 2) is 6e-17, not 0, and must not keep a position masked.
   keep_B = jnp.ceil(st.n0_B * gamma_B - 1e-4)
@@ -186,7 +187,7 @@ def _row_modality(canvas, mask_id):
 
 def _time_of_share(share_B, row_modality_B, diff_cfg):
   """The time whose masking rate is the row's masked share (for time-conditioned models and w(t))."""
-  ts_M = [diff_cfg.schedule(m).alpha_inv(1.0 - share_B) for m in range(3)]
+  ts_M = [diff_cfg.schedule(m).alpha_inv(1.0 - share_B) for m in range(len(vocab_lib.MODALITIES))]
   return jnp.take_along_axis(jnp.stack(ts_M, axis=1), row_modality_B[:, None], axis=1)[:, 0]
 
 

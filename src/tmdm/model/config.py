@@ -20,34 +20,37 @@ import math
 import jax.numpy as jnp
 
 GROUPS = ('embed', 'hidden', 'norm', 'unembed')
+PARAMETERIZATIONS = ('completep', 'standard')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')  # layers.attention_impl resolves 'auto'.
+COMPUTE_DTYPES = ('bfloat16', 'float32', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int
-  d_model: int = 256
-  n_layers: int = 4
-  n_heads: int = 4
-  d_head: int = 64
-  d_ff: int = 704
-  parameterization: str = 'completep'
-  base_width: int = 256
-  base_depth: int = 4
-  depth_alpha: float = 1.0
-  init_std: float = 0.02
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-6
-  compute_dtype: str = 'bfloat16'
-  attention_impl: str = 'auto'
-  splash_block_q: int = 512
-  splash_block_kv: int = 512
-  splash_block_q_bwd: int = 512
-  splash_block_kv_bwd: int = 512
-  splash_fused_bwd: bool = False
-  remat: str = 'none'
-  scan_layers: bool = True
-  time_conditioning: bool = False
-  loss_chunk: int = 0
+  vocab_size: int  # The padded joint vocabulary (VocabSpec.size): from the vocab section, not a model key.
+  d_model: int = 256  # Residual stream width.
+  n_layers: int = 4  # Transformer blocks.
+  n_heads: int = 4  # Attention heads.
+  d_head: int = 64  # Width of one head.
+  d_ff: int = 704  # SwiGLU hidden width.
+  parameterization: str = 'completep'  # 'completep' (width+depth transfer) or 'standard'.
+  base_width: int = 256  # CompleteP: width at which the hyperparameters were tuned.
+  base_depth: int = 4  # CompleteP: depth at which the hyperparameters were tuned.
+  depth_alpha: float = 1.0  # CompleteP: residual branches scaled by (base_depth / n_layers)**alpha.
+  init_std: float = 0.02  # Std of weight init at the base width.
+  rope_theta: float = 10_000.0  # RoPE base frequency.
+  norm_eps: float = 1e-6  # RMSNorm epsilon.
+  compute_dtype: str = 'bfloat16'  # Activations and matmuls; parameters stay float32.
+  attention_impl: str = 'auto'  # 'auto' (splash on TPU, cuDNN on GPU in 16-bit, XLA elsewhere), 'xla', 'cudnn' or 'splash'.
+  splash_block_q: int = 512  # Splash attention: query rows per forward block (multiple of 128; cut to fit the row).
+  splash_block_kv: int = 512  # Splash attention: key/value rows per forward block (multiple of 128).
+  splash_block_q_bwd: int = 512  # Splash attention: query rows per block of the backward kernels (multiple of 128).
+  splash_block_kv_bwd: int = 512  # Splash attention: key/value rows per block of the backward kernels (multiple of 128).
+  splash_fused_bwd: bool = False  # Splash attention: one fused backward kernel for dq, dk, dv (else separate dq and dkv).
+  remat: str = 'none'  # Rematerialization per block: 'none', 'dots' (save matmul outputs), 'dots_no_batch' (not attention's), 'full'.
+  scan_layers: bool = True  # Stack blocks with nn.scan (one compiled block, faster compiles).
+  time_conditioning: bool = False  # Feed t to the network (off: it infers the noise level).
+  loss_chunk: int = 0  # Cross-entropy over chunks of this many positions, logits recomputed in the backward (0: whole rows).
 
   @classmethod
   def from_config(cls, m, vocab_size: int) -> 'ModelConfig':
@@ -144,3 +147,8 @@ PRESETS = {
     # The paper's largest model: ~3B parameters (shape ours; width / depth = 128).
     '3b': dict(d_model=3072, n_layers=24, n_heads=24, d_head=128, d_ff=8192),
 }
+
+
+def config_defaults() -> dict:
+  """The `model` section of the base config: every field but vocab_size, at its default."""
+  return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size'}

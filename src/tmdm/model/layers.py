@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tmdm import sharding as sharding_lib
 from tmdm.model.config import ModelConfig
+from tmdm.parallel import sharding as sharding_lib
 
 
 def weight(module: nn.Module, name, shape, axes, std, sharder: sharding_lib.Sharder, init=None):

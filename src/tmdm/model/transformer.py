@@ -10,15 +10,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tmdm import sharding as sharding_lib
 from tmdm.model import layers
 from tmdm.model.config import ModelConfig
+from tmdm.parallel import sharding as sharding_lib
 
 REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # Not QK^T, AV: no [B,H,L,L].
     'full': jax.checkpoint_policies.nothing_saveable,
 }
+REMAT_CHOICES = ('none', *REMAT_POLICIES)
 
 
 class _ScannedBlock(nn.Module):

@@ -6,7 +6,7 @@ A tokenizer turns a batch of items into a fixed number of int32 codes each and b
 Legend: N items, T tokens_per_item, H/W/C image height/width/channels (C = 3), S audio samples.
 
 A tokenizer lives in a folder (`<dataset root>/<its file>`) with `tokenizer.json` naming its kind;
-`load(folder)` finds the class in KINDS. `sha256` identifies the weights and settings; dataset
+registry.load(folder) finds the class in KINDS. `sha256` identifies the weights and settings; dataset
 manifests record it so that data, checkpoints and the decoder can be checked against each other.
 """
 
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 CONFIG_FILE = 'tokenizer.json'
-KINDS = {}  # kind name -> Tokenizer subclass; filled by `register` in image.py, audio.py.
+KINDS = {}  # kind name -> Tokenizer subclass; filled by `register` in image.py, audio.py (registry.py imports them).
 
 
 def register(kind: str):
@@ -84,13 +84,3 @@ def read_config(folder) -> dict:
     raise FileNotFoundError(f'no tokenizer at {folder}: {CONFIG_FILE} is missing')
   with open(path) as f:
     return json.load(f)
-
-
-def load(folder) -> Tokenizer:
-  """Loads any registered tokenizer from its folder."""
-  import tmdm.tokenizers.audio  # pylint: disable=import-outside-toplevel,unused-import  (fills KINDS)
-  import tmdm.tokenizers.image  # pylint: disable=import-outside-toplevel,unused-import
-  kind = read_config(folder)['kind']
-  if kind not in KINDS:
-    raise ValueError(f'{folder}: unknown tokenizer kind {kind!r} (known: {", ".join(KINDS)})')
-  return KINDS[kind].load(folder)

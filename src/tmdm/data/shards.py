@@ -1,0 +1,84 @@
+"""Which data shards a process reads and the iterators over them: the assembly between the config,
+the stored datasets (store, mixture) and the training loop.
+
+A run's rows are split into `data.num_shards` fixed shards (default: one per process); each process
+owns a contiguous run of them, so the order of the rows of a global batch does not depend on the
+process count, and the iterator state saved with a checkpoint is a per-shard state.
+"""
+
+import dataclasses
+
+import jax
+
+from tmdm.data import mixture, pipeline, store
+from tmdm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShards:
+  indices: tuple  # data shards owned by this process
+  num_shards: int
+
+
+def rows_per_step(cfg) -> int:
+  """Rows the input pipeline delivers per step (complementary pairs duplicate each row)."""
+  return cfg.train.batch_size // 2 if cfg.diffusion.complementary else cfg.train.batch_size
+
+
+def num_data_shards(cfg, process_count: int) -> int:
+  return cfg.data.num_shards or process_count
+
+
+def data_seed(cfg) -> int:
+  return cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
+
+
+def text_root(cfg):
+  return mixture.root(cfg, 'text')
+
+
+def check_data(cfg) -> dict:
+  """The manifests of the datasets the config trains on; fails before any compilation when one is
+  missing or does not match the config."""
+  try:
+    return mixture.check(cfg)
+  except store.DataError as e:
+    raise ConfigError(str(e)) from None
+
+
+def owned(cfg) -> DataShards:
+  """The data shards this process reads (data.num_shards fixed: the same order on any process count)."""
+  total = num_data_shards(cfg, jax.process_count())
+  indices = pipeline.owned_shards(total, jax.process_index(), jax.process_count())
+  return DataShards(tuple(indices), total)
+
+
+def train_iterator(cfg, vocab, shards: DataShards):
+  """(iterator of process-local batches, the SkipCounter of its bad records)."""
+  skips = pipeline.SkipCounter(cfg.data.max_skip_fraction)
+  rows_per_shard = rows_per_step(cfg) // shards.num_shards
+  iterators = {}
+  for shard in shards.indices:
+    rows = mixture.train_rows(cfg, vocab, seed=data_seed(cfg), shard_index=shard, shard_count=shards.num_shards,
+                              skips=skips)
+    iterators[shard] = iter(pipeline.batched(rows, rows_per_shard, cfg.data.prefetch))
+  return pipeline.ShardedBatches(iterators), skips
+
+
+def eval_batches(cfg, vocab, sharder, shards: DataShards) -> dict:
+  """Per mixture component: the first `train.eval_batches` global batches of its validation split."""
+  rows_per_shard = rows_per_step(cfg) // shards.num_shards
+  out = {}
+  for name in mixture.weights(cfg) if cfg.train.eval_batches else ():
+    iterators = {
+        shard: iter(pipeline.batched(mixture.component(cfg, name, vocab, 'val', seed=0, shard_index=shard,
+                                                       shard_count=shards.num_shards, repeat=False),
+                                     rows_per_shard, prefetch=0))
+        for shard in shards.indices}
+    batches = []
+    for local in pipeline.ShardedBatches(iterators):
+      batches.append(pipeline.to_global(local, sharder))
+      if len(batches) == cfg.train.eval_batches:
+        break
+    out[name] = batches
+  return out

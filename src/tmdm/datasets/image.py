@@ -1,0 +1,240 @@
+"""Image-text pairs: offline sources, captions, and `prepare_image`, which trains the image tokenizer
+and writes the dataset (data/store.py format, fields 'text' and 'image').
+
+Sources (entries of config `image.sources`):
+  digits       scikit-learn's bundled 8x8 handwritten digits (1797), upsampled to dark ink on white,
+               captioned with one of several phrasings ("a handwritten digit seven", ...)
+  adwaita      Debian `adwaita-icon-theme` PNG icons, alpha composited on white, captioned from the
+               icon's name ("an icon of folder open"); every size folder, pixel-identical results dropped
+  jsonl:PATH   a user's pairs, one {"image": path, "caption": text} per line (paths relative to PATH)
+  folder:DIR   the same, read from DIR/captions.jsonl
+Bad inputs (unreadable image, empty caption, malformed line) are skipped and counted.
+
+Legend: N items, H W C image height, width, channels (C = 3), uint8 while read, float32 in [0, 1]
+for the tokenizer.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from tmdm.data import store
+from tmdm.datasets import pairs, text
+from tmdm.tokenizers import image as image_tok, registry as tok_registry
+
+ADWAITA_DIR = '/usr/share/icons/Adwaita'
+TOKENIZER_DIR = 'tokenizer'  # The trained tokenizer, relative to the dataset root.
+LABELS_DIR = 'labels'  # labels/<split>.npy: int32 digit class per record, -1 where not a digit.
+NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+DIGIT_CAPTIONS = ('a handwritten digit {word}', 'the number {n} written by hand', 'a hand-drawn {word}',
+                  'the digit {n}', 'a scanned handwritten {word}', 'the numeral {word}, written in ink',
+                  'a small picture of the number {word}', 'handwriting: the digit {n}')
+ICON_CAPTIONS = ('an icon of {phrase}', 'the {phrase} icon', 'a {style} icon showing {phrase}',
+                 'a small {style} picture of {phrase}', '{phrase}, as an icon')
+ICON_DROP_WORDS = {'symbolic', 'x', 'rtl', 'ltr'}  # Name parts that say nothing about the picture.
+
+
+@dataclasses.dataclass
+class Item:
+  key: str  # Decides the split: items sharing a key (one icon at several sizes) stay together.
+  caption: str
+  image_HWC: np.ndarray  # uint8
+  label: int = -1  # Digit class, -1 for anything else.
+
+
+def to_rgb(img: Image.Image, size: int) -> np.ndarray:
+  """Any PIL image -> uint8 [size, size, 3], transparency composited on white."""
+  rgba = img.convert('RGBA')
+  white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+  rgb = Image.alpha_composite(white, rgba).convert('RGB')
+  if rgb.size != (size, size):
+    rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
+  return np.asarray(rgb, np.uint8)
+
+
+def digit_to_rgb(digit_88, size: int = 32) -> np.ndarray:
+  """A scikit-learn digit (8x8, ink 0..16) -> uint8 [size, size, 3], dark ink on white. Evaluators that
+  train a classifier on real digits use this same transform."""
+  gray = np.clip(255 - np.asarray(digit_88, np.float64) * (255 / 16), 0, 255).astype(np.uint8)
+  img = Image.fromarray(gray, 'L').resize((size, size), Image.Resampling.BICUBIC)
+  return np.repeat(np.asarray(img, np.uint8)[..., None], 3, axis=-1)
+
+
+def read_digits(size, rng, counts):
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel  (slow import, one source)
+  digits = datasets.load_digits()
+  for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    template = DIGIT_CAPTIONS[rng.integers(len(DIGIT_CAPTIONS))]
+    caption = template.format(word=NUMBER_WORDS[label], n=int(label))
+    counts['read'] += 1
+    yield Item(f'digit-{i}', caption, digit_to_rgb(img, size), int(label))
+
+
+def icon_phrase(filename: str) -> str:
+  """'folder-open-symbolic.symbolic.png' -> 'folder open'."""
+  stem = os.path.basename(filename).split('.')[0]
+  words = [w for w in re.split(r'[-_+]', stem.lower()) if w and w not in ICON_DROP_WORDS]
+  return ' '.join(words)
+
+
+def read_adwaita(size, rng, counts):
+  if not os.path.isdir(ADWAITA_DIR):
+    raise text.MissingCorpus(f'{ADWAITA_DIR} not found: install it with `apt-get install adwaita-icon-theme`')
+  seen = set()
+  for path in sorted(glob.glob(os.path.join(ADWAITA_DIR, '*', '*', '*.png'))):
+    if os.path.basename(os.path.dirname(os.path.dirname(path))) in ('8x8', 'cursors'):
+      continue  # 8-pixel icons are too coarse to say what they show.
+    counts['read'] += 1
+    try:
+      with Image.open(path) as img:
+        pixels = to_rgb(img, size)
+    except (OSError, ValueError):
+      counts['unreadable_image'] += 1
+      continue
+    digest = hashlib.sha1(pixels.tobytes()).digest()
+    if digest in seen:
+      counts['duplicate'] += 1
+      continue
+    seen.add(digest)
+    phrase = icon_phrase(path)
+    style = 'grey symbolic' if 'symbolic' in os.path.basename(path) else 'colourful'
+    template = ICON_CAPTIONS[rng.integers(len(ICON_CAPTIONS))]
+    yield Item(f'icon-{phrase}', template.format(phrase=phrase, style=style), pixels)
+
+
+def read_pairs_jsonl(path, size, rng, counts, image_key='image'):
+  """User pairs: {"image": path, "caption": text} per line; image paths relative to the file's folder."""
+  del rng
+  if not os.path.isfile(path):
+    raise text.MissingCorpus(f'{path} not found (expected a JSONL of {{"image": path, "caption": text}})')
+  folder = os.path.dirname(os.path.abspath(path))
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if not line.strip():
+        continue
+      counts['read'] += 1
+      try:
+        row = json.loads(line)
+        image_path, caption = row.get(image_key) or row['file'], row['caption']
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        counts['bad_line'] += 1
+        continue
+      if not isinstance(caption, str) or not caption.strip():
+        counts['empty_caption'] += 1
+        continue
+      full = os.path.join(folder, image_path)
+      try:
+        with Image.open(full) as img:
+          pixels = to_rgb(img, size)
+      except (OSError, ValueError, TypeError):
+        counts['unreadable_image'] += 1
+        continue
+      yield Item(f'user-{full}', caption.strip(), pixels)
+
+
+IMAGE_SOURCES = {'digits': read_digits, 'adwaita': read_adwaita}
+USER_IMAGE_SOURCES = {'jsonl': read_pairs_jsonl,
+                      'folder': lambda d, *a: read_pairs_jsonl(os.path.join(d, 'captions.jsonl'), *a)}
+
+
+def read_source(name, size, rng, counts):
+  kind, sep, arg = name.partition(':')
+  if sep and kind in USER_IMAGE_SOURCES:
+    return USER_IMAGE_SOURCES[kind](arg, size, rng, counts)
+  if name not in IMAGE_SOURCES:
+    raise text.MissingCorpus(f'unknown image source {name!r} (choices: {", ".join(IMAGE_SOURCES)}, '
+                             'jsonl:PATH, folder:DIR)')
+  return IMAGE_SOURCES[name](size, rng, counts)
+
+
+def tokenize_captions(items, tok, counts):
+  """Caption ids per item; items whose caption tokenizes to nothing are dropped and counted."""
+  ids = tok.encode([it.caption for it in items]) if items else []
+  kept = [(it, x) for it, x in zip(items, ids) if len(x)]
+  counts['empty_caption'] += len(items) - len(kept)
+  return kept
+
+
+def save_preview(path, originals_NHWC, recons_NHWC, n=16):
+  """Top row originals, bottom row reconstructions (uint8 PNG), for eyeballing the tokenizer."""
+  a = np.concatenate(list(originals_NHWC[:n]), axis=1)
+  b = np.concatenate(list(recons_NHWC[:n]), axis=1)
+  Image.fromarray((np.clip(np.concatenate([a, b], axis=0), 0, 1) * 255).astype(np.uint8)).resize(
+      (a.shape[1] * 3, a.shape[0] * 6), Image.Resampling.NEAREST).save(path)
+
+
+def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=None, log=print):
+  """Reads the sources, trains the image tokenizer on the train split, writes the dataset; returns the
+  manifest. cfg: the config's `image` section (ConfigDict)."""
+  progress = progress or (lambda it, **_: it)
+  rng = np.random.default_rng(cfg.seed)
+  counts = {k: 0 for k in ('read', 'unreadable_image', 'empty_caption', 'bad_line', 'duplicate')}
+  items, per_source = [], {}
+  for name in [s.strip() for s in cfg.sources.split(',') if s.strip()]:
+    got = []
+    for item in progress(read_source(name, cfg.size, rng, counts), desc=f'reading {name}', unit='img'):
+      if not item.caption.strip():
+        counts['empty_caption'] += 1
+        continue
+      got.append(item)
+      if cfg.max_items and len(got) >= cfg.max_items:
+        break
+    per_source[name] = len(got)
+    items.extend(got)
+  kept = tokenize_captions(items, text_tokenizer, counts)
+  if not kept:
+    raise text.MissingCorpus(f'no usable image-text pairs in {cfg.sources!r} (skipped: {counts})')
+  os.makedirs(root, exist_ok=True)
+  pairs.copy_text_tokenizer(text_tokenizer, root)
+  splits = {'train': [p for p in kept if not pairs.is_val(p[0].key, cfg.val_fraction)],
+            'val': [p for p in kept if pairs.is_val(p[0].key, cfg.val_fraction)]}
+  as_float = lambda part: np.stack([it.image_HWC for it, _ in part]).astype(np.float32) / 255
+
+  if cfg.tokenizer_path:
+    tokenizer, tok_file = tok_registry.load(cfg.tokenizer_path), os.path.abspath(cfg.tokenizer_path)
+  else:
+    tok_cfg = image_tok.ImageConfig(size=cfg.size, levels=tuple(cfg.levels), downsamples=cfg.downsamples,
+                                    width=cfg.width)
+    tokenizer = image_tok.train(as_float(splits['train']), tok_cfg, steps=cfg.train_steps,
+                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress)
+    tokenizer.save(os.path.join(root, TOKENIZER_DIR))
+    tok_file = TOKENIZER_DIR
+
+  entries, quality = {}, {}
+  os.makedirs(os.path.join(root, LABELS_DIR), exist_ok=True)
+  for split, part in splits.items():
+    images = as_float(part) if part else np.zeros((0, cfg.size, cfg.size, 3), np.float32)
+    codes = []
+    for lo in progress(range(0, len(images), cfg.encode_batch), desc=f'encoding {split} images', unit='batch'):
+      codes.append(tokenizer.encode(images[lo:lo + cfg.encode_batch]))
+    codes = np.concatenate(codes) if codes else np.zeros((0, tokenizer.tokens_per_item), np.int32)
+    records = [{'text': ids, 'image': c} for (_, ids), c in zip(part, codes)]
+    entries[split] = [store.write_shard(os.path.join(root, split, '00000'), records, ['text', 'image'])]
+    labels = np.asarray([it.label for it, _ in part], np.int32)
+    np.save(os.path.join(root, LABELS_DIR, f'{split}.npy'), labels)
+    if split == 'val' and len(images):
+      recon = tokenizer.decode(codes)
+      db = image_tok.psnr(images, recon)
+      quality = {'val_psnr_db': round(float(db.mean()), 3), 'val_items': len(images)}
+      if (labels >= 0).any():
+        quality['val_psnr_db_digits'] = round(float(db[labels >= 0].mean()), 3)
+      if (labels < 0).any():
+        quality['val_psnr_db_other'] = round(float(db[labels < 0].mean()), 3)
+      order = np.argsort(labels)[::-1]  # Digits first, then icons.
+      picks = np.concatenate([order[:8], order[-8:]])
+      save_preview(os.path.join(root, 'preview_val.png'), images[picks], recon[picks])
+  log(f'image tokenizer {tokenizer.name}: {quality}; skipped {counts}')
+  source = {'sources': per_source, 'items': len(kept), 'skipped': counts, 'tokenizer_quality': quality,
+            'settings': pairs.settings_of(cfg, text_tokenizer.sha256),
+            'labels': {s: f'{LABELS_DIR}/{s}.npy' for s in splits}}  # Row i of a split is record i.
+  return store.write_manifest(root, modality='image', fields=['text', 'image'],
+                              tokenizers={'text': pairs.text_tokenizer_entry(text_tokenizer),
+                                          'image': tokenizer.manifest_entry(tok_file)},
+                              splits=entries, source=source)
+

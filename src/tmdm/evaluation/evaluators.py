@@ -1,0 +1,270 @@
+"""Evaluation of a trained model: EVALUATORS maps a name to fn(ctx, settings) -> {metric: value}.
+
+  elbo        per-modality validation ELBO per token and exp(ELBO) (train.evaluate on each mixture
+              component's validation split)
+  t2i_digits  text -> image on the digits: a classifier trained on the real digits (its held-out
+              accuracy reported) labels images generated from "a handwritten digit seven"-style
+              prompts; accuracy (chance 0.1) and the Fréchet distance of its penultimate features to
+              the real digits. References at the same sample count: the tokenizer's reconstructions
+              of real digits (what a perfect generator could reach) and decoded random codes
+  t2s         text -> speech: DTW-aligned mean |log-mel difference| to espeak-ng's rendering of the same
+              held-out transcript (minimum over eval.t2s_voices voices), between the floor (random
+              codes decoded) and the ceiling (the tokenizer's reconstruction of the reference);
+              score = (floor - model) / (floor - ceiling): 0 is noise, 1 is the tokenizer's limit
+  text_infill text on held-out documents (cut to sample.text_len): half of the tokens masked at
+              random, token accuracy of the filled ones
+  i2t         image -> caption on held-out pairs (reference length): digit accuracy on digit images
+              (the caption names the right digit), token accuracy, exact match
+  s2t         speech -> transcript on held-out pairs (reference length): word accuracy (1 - WER),
+              token accuracy, exact match
+
+`settings(ctx, task)` -> (SamplerSpec, Knobs) lets the sampling sweep run the same measures.
+"""
+
+import logging
+import math
+
+import jax
+import numpy as np
+
+from tmdm import errors
+from tmdm.data import shards as shards_lib
+from tmdm.datasets import image as image_mod
+from tmdm.evaluation import measures as em
+from tmdm.generation import generate
+from tmdm.training import setup as setup_lib, state as train_state, step as train_step, validation
+
+log = logging.getLogger('tmdm')
+
+
+def elbo(ctx: generate.Context, settings=None) -> dict:
+  del settings
+  s = ctx.s
+  param_sh = train_state.param_shardings(s.model, s.sharder, s.seq_len)
+  focus = validation.focus_ids(ctx.cfg, shards_lib.check_data(ctx.cfg), s.vocab)
+  eval_fn = train_step.jit_eval(s.model, s.diffusion, s.vocab, s.sharder, param_sh, focus_ids=focus)
+  val = shards_lib.eval_batches(s.cfg, s.vocab, s.sharder, shards_lib.owned(ctx.cfg))  # This process's shards.
+  return validation.evaluate(eval_fn, ctx.params, val, ctx.cfg.seed + 1)
+
+
+def _settings(ctx, task, settings):
+  return settings(ctx, task) if settings else ctx.settings(task)
+
+
+def _t2i_references(ctx, n: int):
+  """The digit classifier, the real digits' features, and the reference rows at n samples: the
+  tokenizer's reconstructions of n real digits and n decoded random codes. Kept in ctx.memo: a
+  sample sweep evaluates one Context many times."""
+  e, tok = ctx.cfg.eval, ctx.tokenizer('image')
+  key = (ctx.cfg.image.size, e.seed, n, tok.sha256)
+  key = ('t2i_references', *key)
+  if key not in ctx.memo:
+    clf, clf_acc, real_x = em.digit_classifier(ctx.cfg.image.size, e.seed)
+    real_f = em.penultimate(clf, real_x)
+    rng = np.random.default_rng(e.seed)
+    pick = rng.choice(len(real_x), n, replace=False)
+    from sklearn import datasets  # pylint: disable=import-outside-toplevel
+    digits = datasets.load_digits()
+    real_images = np.stack([image_mod.digit_to_rgb(digits.images[i], ctx.cfg.image.size) for i in pick]) / 255
+    recon_x = em.digit_features(tok.decode(tok.encode(real_images.astype(np.float32))))
+    noise_x = em.digit_features(tok.decode(rng.integers(0, tok.codebook_size, (n, tok.tokens_per_item))))
+    refs = {'t2i/classifier_acc_real': clf_acc,
+            't2i/digit_acc_recon': float(np.mean(clf.predict(recon_x) == digits.target[pick])),
+            't2i/fd_recon': em.frechet(em.penultimate(clf, recon_x), real_f),
+            't2i/fd_random': em.frechet(em.penultimate(clf, noise_x), real_f)}
+    ctx.memo[key] = (clf, real_f, refs)
+  return ctx.memo[key]
+
+
+def t2i_digits(ctx: generate.Context, settings=None) -> dict:
+  e = ctx.cfg.eval
+  per_digit = max(1, math.ceil(e.num / 10))
+  labels = [d for d in range(10) for _ in range(per_digit)]
+  prompts = [image_mod.DIGIT_CAPTIONS[j % len(image_mod.DIGIT_CAPTIONS)].format(word=image_mod.NUMBER_WORDS[d], n=d)
+             for d in range(10) for j in range(per_digit)]
+  clf, real_f, refs = _t2i_references(ctx, len(labels))
+  samples, info = generate.generate(ctx, 't2i', prompts=prompts, n=1, seed=e.seed,
+                                    settings=_settings(ctx, 't2i', settings))
+  gen_x = em.digit_features(np.stack([smp.output for smp in samples]))
+  return {'t2i/digit_acc': float(np.mean(clf.predict(gen_x) == np.asarray(labels))),
+          't2i/fd': em.frechet(em.penultimate(clf, gen_x), real_f), **refs,
+          't2i/samples': len(labels), 't2i/seconds': info['seconds'],
+          't2i/forward_passes': info['forward_passes']}
+
+
+def text_infill(ctx: generate.Context, settings=None) -> dict:
+  from tmdm.generation import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  from tmdm.data import store  # pylint: disable=import-outside-toplevel
+  e, length = ctx.cfg.eval, ctx.cfg.sample.text_len
+  records = store.ShardedRecords(ctx.root('text'), 'val')
+  rng = np.random.default_rng(e.seed)
+  rows = []
+  for i in range(len(records)):
+    ids = np.asarray(records[i]['text'])[:length - 2]
+    if len(ids) >= 8:
+      rows.append((ids, rng.random(len(ids)) < 0.5))
+    if len(rows) == e.num:
+      break
+  canvas = tasks_lib.text_rows(ctx.s.vocab, rows, length)
+  spec_, knobs = _settings(ctx, 'text', settings)
+  out, passes, seconds = ctx.run(canvas, spec_, knobs, e.seed)
+  filled = tasks_lib.text_ids(out, canvas, ctx.s.vocab, only_generated=True)
+  hits = sum(int(np.sum(f == ids[m])) for f, (ids, m) in zip(filled, rows))
+  return {'text/infill_token_acc': hits / max(sum(int(m.sum()) for _, m in rows), 1),
+          'text/samples': len(rows), 'text/seconds': seconds, 'text/forward_passes': passes}
+
+
+def _log_mels(ctx, waves_NS):
+  from tmdm.tokenizers import mel  # pylint: disable=import-outside-toplevel
+  a = ctx.cfg.audio
+  fbank = mel.mel_filterbank(a.sample_rate, a.n_fft, a.n_mels)
+  return np.asarray(mel.log_mel(np.asarray(waves_NS, np.float32), fbank, a.n_fft, a.hop))
+
+
+_T2S_REFERENCES = {}  # (texts, voices, speed, seed) -> (reference log-mels, floor, ceiling): a sweep reuses them.
+
+
+def _t2s_references(ctx, texts):
+  """espeak-ng renderings of each text (trimmed log-mels per voice) and the floor and ceiling distances."""
+  from tmdm.datasets import audio  # pylint: disable=import-outside-toplevel
+  from tmdm.tokenizers import audio as audio_tok  # pylint: disable=import-outside-toplevel
+  e, a = ctx.cfg.eval, ctx.cfg.audio
+  voices = tuple(v.strip() for v in a.voices.split(',') if v.strip())[:max(1, e.t2s_voices)]
+  key = (tuple(texts), voices, e.t2s_speed, e.seed)
+  if key not in _T2S_REFERENCES:
+    length = int(round(a.seconds * a.sample_rate))
+    refs = []  # [voice] -> waveforms [N, S]
+    for voice in voices:
+      waves = [audio.condition(*audio.espeak(t, voice, e.t2s_speed), a.sample_rate) for t in texts]
+      refs.append(audio_tok.fit_length([w[:length] for w in waves], length))
+    ref_mels = [[em.trim_silence(m) for m in _log_mels(ctx, r)] for r in refs]
+    tok = ctx.tokenizer('audio')
+    noise = tok.decode(np.random.default_rng(e.seed).integers(0, tok.codebook_size, (len(texts), tok.tokens_per_item)))
+    recon = tok.decode(tok.encode(refs[0]))
+    _T2S_REFERENCES[key] = (ref_mels, _mel_dtw(ctx, noise, ref_mels), _mel_dtw(ctx, recon, ref_mels))
+  return _T2S_REFERENCES[key]
+
+
+def _mel_dtw(ctx, waves_NS, ref_mels) -> float:
+  """Mean over items of the DTW log-mel distance to the closest of the reference voices."""
+  mels = [em.trim_silence(m) for m in _log_mels(ctx, waves_NS)]
+  return float(np.mean([min(em.dtw_distance(m, per_voice[i]) for per_voice in ref_mels) for i, m in enumerate(mels)]))
+
+
+def t2s(ctx: generate.Context, settings=None) -> dict:
+  e = ctx.cfg.eval
+  texts = [ctx.tokenizer('text').decode(r['text']) for r in ctx.heldout('audio', e.num)]
+  ref_mels, floor, ceiling = _t2s_references(ctx, texts)
+  samples, info = generate.generate(ctx, 't2s', prompts=texts, n=1, seed=e.seed,
+                                    settings=_settings(ctx, 't2s', settings))
+  model = _mel_dtw(ctx, np.stack([smp.output for smp in samples]), ref_mels)
+  return {'t2s/mel_dtw': model, 't2s/mel_dtw_floor': floor, 't2s/mel_dtw_ceiling': ceiling,
+          't2s/score': (floor - model) / max(floor - ceiling, 1e-9), 't2s/samples': len(texts),
+          't2s/seconds': info['seconds'], 't2s/forward_passes': info['forward_passes']}
+
+
+def _caption_task(ctx, task, settings, records):
+  """Captions / transcripts of held-out records, each in a slot of its reference's length."""
+  kind = 'image' if task == 'i2t' else 'audio'
+  codes = np.stack([r[kind] for r in records])
+  refs = [ctx.tokenizer('text').decode(r['text']) for r in records]
+  inputs = list(ctx.tokenizer(kind).decode(codes))  # shown in the eval gallery
+  samples, info = generate.generate(
+      ctx, task, conditions=(codes, inputs, [f'held-out {kind} {i}' for i in range(len(records))]), references=refs,
+      labels=[r['label'] for r in records], caption_lens=[len(r['text']) for r in records],
+      seed=ctx.cfg.eval.seed, settings=_settings(ctx, task, settings))
+  norm = lambda x: ' '.join(em.words(x))
+  return samples, info, {
+      f'{task}/token_acc': float(np.mean([em.token_accuracy(smp.ids, r['text']) for smp, r in zip(samples, records)])),
+      f'{task}/exact': float(np.mean([norm(smp.output) == norm(smp.reference) for smp in samples])),
+      f'{task}/samples': len(samples), f'{task}/seconds': info['seconds'],
+      f'{task}/forward_passes': info['forward_passes']}
+
+
+def i2t(ctx: generate.Context, settings=None) -> dict:
+  records = [r for r in ctx.heldout('image', 10**9) if r['label'] >= 0][:ctx.cfg.eval.num]
+  if not records:  # A dataset without digits: the first held-out pairs.
+    records = ctx.heldout('image', ctx.cfg.eval.num)
+  samples, _, out = _caption_task(ctx, 'i2t', settings, records)
+  if records[0]['label'] >= 0:
+    out['i2t/digit_acc'] = float(np.mean([em.digit_in(smp.output) == smp.label for smp in samples]))
+  return out
+
+
+def s2t(ctx: generate.Context, settings=None) -> dict:
+  samples, _, out = _caption_task(ctx, 's2t', settings, ctx.heldout('audio', ctx.cfg.eval.num))
+  errors = np.array([em.word_errors(smp.output, smp.reference) for smp in samples])
+  out['s2t/word_acc'] = float(max(0.0, 1.0 - errors[:, 0].sum() / max(errors[:, 1].sum(), 1)))
+  return out
+
+
+EVALUATORS = {'elbo': elbo, 'text_infill': text_infill, 't2i_digits': t2i_digits, 't2s': t2s, 'i2t': i2t, 's2t': s2t}
+PRIMARY = {  # The metric the sampling sweep optimizes per task, and whether higher is better.
+    'text': ('text/infill_token_acc', True),
+    't2i': ('t2i/digit_acc', True), 't2s': ('t2s/mel_dtw', False),
+    'i2t': ('i2t/digit_acc', True), 's2t': ('s2t/word_acc', True),
+}
+# Breaks exact ties of the primary metric in the sweep (a small evaluation set ties often): metric, higher is better.
+SECONDARY = {'t2i': ('t2i/fd', False), 'i2t': ('i2t/token_acc', True), 's2t': ('s2t/token_acc', True)}
+TASK_EVALUATOR = {'text': 'text_infill', 't2i': 't2i_digits', 't2s': 't2s', 'i2t': 'i2t', 's2t': 's2t'}
+
+
+def names(spec_: str) -> list[str]:
+  out = [x.strip() for x in spec_.split(',') if x.strip()]
+  for name in out:
+    if name not in EVALUATORS:
+      raise errors.ConfigError(f'unknown evaluator {name!r} (choices: {", ".join(EVALUATORS)})')
+  return out
+
+
+NEEDS = {'text_infill': 'text', 't2i_digits': 'image', 'i2t': 'image', 't2s': 'audio', 's2t': 'audio'}
+
+
+def run(ctx: generate.Context, which) -> dict:
+  """The named evaluators, skipping those whose data kind the run did not train on."""
+  from tmdm.data import mixture  # pylint: disable=import-outside-toplevel
+  trained = mixture.weights(ctx.cfg)
+  out = {}
+  for name in which:
+    if name in NEEDS and NEEDS[name] not in trained:
+      log.info('skipping %s: the run has no %s data', name, NEEDS[name])
+      continue
+    log.info('evaluating %s', name)
+    out.update(EVALUATORS[name](ctx))
+  return out
+
+
+class TrainingEvaluator:
+  """eval.tasks except 'elbo' (the loop measures it itself), for the training loop every
+  eval.every_steps (training.loop.GenerationEval). It keeps one sampling Context, so the samplers
+  compile once per run; a rollback (a new Setup) starts a new one and drops the old."""
+
+  def __init__(self):
+    self.ctx = None
+
+  def __call__(self, s: setup_lib.Setup, params, step: int) -> dict:
+    if self.ctx is None or self.ctx.s is not s:
+      self.ctx = generate.Context.for_training(s, params, step)
+    self.ctx.params, self.ctx.step = params, step
+    return run(self.ctx, [n for n in names(s.cfg.eval.tasks) if n != 'elbo'])
+
+
+def eval_command(workdir, overrides=(), out_path=None) -> dict:
+  """`tmdm eval`: every evaluator of eval.tasks on the latest checkpoint; writes WORKDIR/eval_STEP.json
+  and a gallery of each task's generated samples under WORKDIR/eval_STEP/TASK/."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from tmdm.generation import gallery  # pylint: disable=import-outside-toplevel
+  ctx = generate.Context.from_workdir(workdir, overrides)
+  results = {'step': ctx.step, **run(ctx, names(ctx.cfg.eval.tasks))}
+  out_path = out_path or os.path.join(workdir, f'eval_{ctx.step}.json')
+  if jax.process_index() != 0:  # Every process computed the same numbers; one writes them.
+    return results
+  with open(out_path, 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=2)
+  for task, samples in ctx.last.items():
+    gallery.write(os.path.join(os.path.splitext(out_path)[0], task), samples,
+                  title=f'tmdm eval: {task}, step {ctx.step}',
+                  audio_rate=ctx.cfg.audio.sample_rate)
+  log.info('wrote %s', out_path)
+  return results

@@ -1,0 +1,276 @@
+"""Generation from a trained model: every task of tasks.py from one checkpoint.
+
+`Context` holds what sampling needs (the Setup, parameters, tokenizers, compiled samplers) and is
+built either from a training workdir (`from_workdir`: its config, its latest checkpoint) or from a
+running training loop (`for_training`, periodic evaluation). `generate` builds a task's canvases,
+samples them in batches and decodes the result into `Sample`s; `sample_command` writes them as files
+and an HTML gallery (gallery.py).
+
+Legend: N samples, L row length, T codes per item, S audio samples.
+"""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from tmdm import errors, vocab as vocab_lib
+from tmdm.config import base as base_config, loader as config_loader
+from tmdm.data import mixture, store
+from tmdm.datasets import text
+from tmdm.diffusion import sampling
+from tmdm.generation import tasks as tasks_lib
+from tmdm.parallel import mesh as mesh_lib, sharding as sharding_lib
+from tmdm.training import checkpoint as checkpoint_lib, setup as setup_lib, state as train_state
+
+log = logging.getLogger('tmdm')
+
+
+def _merge(base, saved: dict, where=''):
+  """base <- saved for the keys base knows (a workdir written before a key existed still loads)."""
+  for key, value in saved.items():
+    if key not in base:
+      log.debug('ignoring %s%s from the workdir config (no longer a config key)', where, key)
+    elif isinstance(base[key], ml_collections.ConfigDict):
+      _merge(base[key], value, f'{where}{key}.')
+    else:
+      base[key] = tuple(value) if isinstance(base[key], tuple) else value
+
+
+def load_workdir_config(workdir, overrides=()):
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f'{workdir} is not a training workdir ({path} is missing)')
+  with open(path) as f:
+    saved = json.load(f)
+  cfg = base_config.get_config()
+  _merge(cfg, saved)  # The run's own settings, sample.* included; command-line overrides win.
+  return config_loader.apply_overrides(cfg, overrides)
+
+
+@dataclasses.dataclass
+class Sample:
+  """One generated item: `output` is text (str), an image [H, W, 3] in [0, 1] or a waveform [S]."""
+  task: str
+  prompt: str  # the condition as text: a caption, a transcript, or a file name
+  output: object
+  condition: object = None  # I2T / S2T: the input image or waveform
+  reference: str = ''  # held-out pairs: the true caption / transcript
+  label: int = -1  # held-out digit pairs: the digit
+  ids: object = None  # I2T / S2T: the generated caption's text tokenizer ids
+
+
+class Context:
+  """A model ready to sample: setup, parameters and lazily loaded tokenizers and samplers."""
+
+  def __init__(self, s: setup_lib.Setup, params, step: int):
+    self.s, self.params, self.step, self.cfg = s, params, step, s.cfg
+    self._tokenizers, self._samplers = {}, {}
+    self.last = {}  # task -> the samples generate() made last (eval_command writes them as galleries)
+    self.memo = {}  # what evaluators derive once per model and data (e.g. T2I reference statistics)
+
+  @classmethod
+  def from_workdir(cls, workdir, overrides=()):
+    cfg = load_workdir_config(workdir, overrides)
+    try:
+      mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
+    except errors.ConfigError:  # Sampling on other hardware than training: plain data parallel.
+      cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+    s = setup_lib.build(cfg, with_optimizer=False)
+    ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                       keep=1, async_save=False)
+    params, step, ema = ckpt.restore_params(train_state.abstract_params(s.model, s.sharder, s.seq_len),
+                                            ema=cfg.sample.ema)
+    ckpt.close()
+    log.info('restored step %d of %s%s', step, workdir, ' (weight EMA)' if ema else '')
+    return cls(s, params, step)
+
+  @classmethod
+  def for_training(cls, s: setup_lib.Setup, params, step: int):
+    return cls(s, params, step)
+
+  def root(self, kind):
+    return mixture.root(self.cfg, kind)
+
+  def tokenizer(self, kind: str):
+    """'text' (SentencePiece of the text data), 'image' or 'audio' (the pair dataset's tokenizer)."""
+    if kind not in self._tokenizers:
+      if kind == 'text':
+        self._tokenizers[kind] = text.TextTokenizer(os.path.join(self.root('text'), 'spm.model'))
+      else:
+        from tmdm.tokenizers import registry  # pylint: disable=import-outside-toplevel  (flax models)
+        entry = store.read_manifest(self.root(kind))['tokenizers'][kind]
+        self._tokenizers[kind] = registry.load(os.path.join(self.root(kind), entry['file']))
+    return self._tokenizers[kind]
+
+  def sampler(self, spec_: sampling.SamplerSpec):
+    if spec_ not in self._samplers:
+      s = self.s
+      self._samplers[spec_] = sampling.jit_sampler(model=s.model, vocab=s.vocab, diff_cfg=s.diffusion,
+                                                   sharder=s.sharder, spec=spec_)
+    return self._samplers[spec_]
+
+  def settings(self, task: str, guided: bool = True):
+    """(SamplerSpec, Knobs) of a task from its config section (the text task never guides)."""
+    section = tasks_lib.sampler_section(self.cfg.sample, task)
+    try:
+      return sampling.spec_and_knobs(section, guided=guided and task != 'text')
+    except ValueError as e:
+      raise errors.ConfigError(f'{"sample" if task == "text" else "sample." + task}: {e}') from None
+
+  def run(self, canvas, spec_, knobs, seed: int):
+    """Samples every row of a numpy canvas in batches of sample.batch rows; returns (tokens [N, L],
+    forward passes, seconds of sampling). Compiles once per (spec, batch shape), untimed."""
+    shards = self.s.mesh_shape.batch_shards
+    rows = -(-min(self.cfg.sample.batch, len(canvas['tokens'])) // shards) * shards
+    knobs = knobs.as_arrays()
+    outs, passes, seconds = [], 0, 0.0
+    for b, lo in enumerate(range(0, len(canvas['tokens']), rows)):
+      chunk = {k: v[lo:lo + rows] for k, v in canvas.items()}
+      n = len(chunk['tokens'])
+      chunk = {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) for k, v in chunk.items()}
+      batch = {k: jax.device_put(v, self.s.sharder.batch()) for k, v in chunk.items()}
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), b)
+      key = (spec_, chunk['tokens'].shape)
+      if key not in self._samplers:
+        self._samplers[key] = self.sampler(spec_).lower(self.params, batch, rng, knobs).compile()
+      start = time.perf_counter()
+      out, used = self._samplers[key](self.params, batch, rng, knobs)
+      out = sharding_lib.fetch(out)  # Every process gets every row (multi-process sampling).
+      seconds += time.perf_counter() - start
+      outs.append(out[:n])
+      passes += int(used)
+    return np.concatenate(outs), passes, seconds
+
+  def heldout(self, kind: str, n: int) -> list[dict]:
+    """The first n records of a pair dataset's validation split: {'text', kind, 'label'}."""
+    root = self.root(kind)
+    records = store.ShardedRecords(root, 'val')
+    labels_path = os.path.join(root, 'labels', 'val.npy')
+    labels = np.load(labels_path) if os.path.isfile(labels_path) else np.full(len(records), -1)
+    return [dict(records[i], label=int(labels[i])) for i in range(min(n, len(records)))]
+
+
+def _decode_text(ctx, ids_list):
+  tok = ctx.tokenizer('text')
+  return [tok.decode(ids) for ids in ids_list]
+
+
+def generate(ctx: Context, task: str, *, prompts=(), conditions=None, references=(), labels=(), n: int = 1,
+             seed: int = 0, caption_lens=None, settings=None):
+  """Samples a task. Text-conditioned tasks (text, t2i, t2s): each prompt n times. I2T / S2T:
+  `conditions` = (codes [N, T], inputs shown in the gallery, their names), one sample each, caption
+  slots of caption_lens (default sample.caption_len). settings: (SamplerSpec, Knobs) or the config's.
+  Returns (samples, info: forward passes and seconds)."""
+  t = tasks_lib.TASKS[task]
+  s, vocab = ctx.s, ctx.s.vocab
+  spec_, knobs = settings or ctx.settings(task)
+  if t.media_first:
+    codes, inputs, names = conditions
+    lens = caption_lens if caption_lens is not None else [ctx.cfg.sample.caption_len] * len(codes)
+    canvas = tasks_lib.pair_canvas(vocab, t, s.seq_len, codes=codes, caption_lens=lens)
+  else:
+    prompts = [p for p in prompts for _ in range(n)]
+    references = [r for r in references for _ in range(n)] if references else ()
+    labels = [x for x in labels for _ in range(n)] if labels else ()
+    if task == 'text':
+      canvas = tasks_lib.text_canvas(vocab, ctx.tokenizer('text'), prompts, ctx.cfg.sample.text_len,
+                                     ctx.cfg.sample.infill_len)
+    else:
+      texts = ctx.tokenizer('text').encode(prompts)
+      canvas = tasks_lib.pair_canvas(vocab, t, s.seq_len, texts=texts,
+                                     tokens_per_item=ctx.tokenizer(t.kind).tokens_per_item)
+  out, passes, seconds = ctx.run(canvas, spec_, knobs, seed)
+  info = {'forward_passes': passes, 'seconds': seconds, 'rows': len(out)}
+  if t.output == vocab_lib.TEXT:
+    ids = tasks_lib.text_ids(out, canvas, vocab, only_generated=t.media_first)
+    decoded = _decode_text(ctx, ids)
+  else:
+    decoded = list(ctx.tokenizer(t.kind).decode(tasks_lib.media_codes(out, canvas, vocab, t.output)))
+  samples = []
+  for i, output in enumerate(decoded):
+    if t.media_first:
+      samples.append(Sample(task, names[i], output, condition=inputs[i], reference=references[i] if references else '',
+                            label=labels[i] if labels else -1, ids=ids[i]))
+    else:
+      samples.append(Sample(task, prompts[i], output, reference=references[i] if references else '',
+                            label=labels[i] if labels else -1))
+  ctx.last[task] = samples
+  return samples, info
+
+
+def heldout_conditions(ctx: Context, task: str, n: int):
+  """Held-out pairs as inputs: text tasks get their captions / transcripts as prompts; I2T / S2T get
+  their codes with the reference length as the caption slot. Returns generate() keyword arguments."""
+  t = tasks_lib.TASKS[task]
+  records = ctx.heldout(t.kind, n)
+  if not records:
+    raise errors.ConfigError(f'{ctx.root(t.kind)} has no held-out pairs')
+  captions = _decode_text(ctx, [r['text'] for r in records])
+  labels = [r['label'] for r in records]
+  if not t.media_first:
+    return dict(prompts=captions, labels=labels, n=1)
+  codes = np.stack([r[t.kind] for r in records])
+  inputs = list(ctx.tokenizer(t.kind).decode(codes))  # what the model sees, as an image / waveform
+  names = [f'held-out {t.kind} {i}' for i in range(len(records))]
+  return dict(conditions=(codes, inputs, names), references=captions, labels=labels,
+              caption_lens=[len(r['text']) for r in records])
+
+
+def file_conditions(ctx: Context, task: str, paths, prompts=()):
+  """I2T: image files; S2T: WAV files, or prompts spoken by espeak-ng (the first of audio.voices)."""
+  from tmdm.datasets import audio, image  # pylint: disable=import-outside-toplevel  (scipy, PIL)
+  from tmdm.tokenizers import audio as audio_tok  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  t = tasks_lib.TASKS[task]
+  if t.kind == 'image':
+    items = []
+    for p in paths:
+      with Image.open(p) as img:
+        items.append(image.to_rgb(img, ctx.cfg.image.size).astype(np.float32) / 255)
+    names = [os.path.basename(p) for p in paths]
+  else:
+    a = ctx.cfg.audio
+    waves = [audio.condition(*audio.read_wav(p), a.sample_rate) for p in paths]
+    voice = a.voices.split(',')[0].strip()
+    waves += [audio.condition(*audio.espeak(p, voice, ctx.cfg.eval.t2s_speed), a.sample_rate) for p in prompts]
+    samples = int(round(a.seconds * a.sample_rate))
+    items = list(audio_tok.fit_length([np.zeros(1, np.float32) if w is None else w[:samples] for w in waves], samples))
+    names = [os.path.basename(p) for p in paths] + [f'espeak: {p}' for p in prompts]
+  codes = ctx.tokenizer(t.kind).encode(np.stack(items))
+  return dict(conditions=(codes, items, names))
+
+
+def sample_command(workdir, *, task='text', prompts=(), inputs=(), n=0, out_dir=None, seed=0, overrides=()):
+  """`tmdm sample`: writes the samples and index.html into out_dir (default WORKDIR/samples/TASK)."""
+  from tmdm.generation import gallery  # pylint: disable=import-outside-toplevel  (PIL, scipy)
+  if task not in tasks_lib.TASKS:
+    raise errors.ConfigError(f'unknown task {task!r} (choices: {", ".join(tasks_lib.TASKS)})')
+  ctx = Context.from_workdir(workdir, overrides)
+  t = tasks_lib.TASKS[task]
+  n = n or ctx.cfg.sample.num
+  if t.media_first:
+    paths = [p for pattern in inputs for p in sorted(glob.glob(pattern))]
+    if inputs and not paths:
+      raise FileNotFoundError(f'no files match {", ".join(inputs)}')
+    kwargs = file_conditions(ctx, task, paths, prompts) if paths or prompts else heldout_conditions(ctx, task, n)
+  elif prompts or task == 'text':
+    kwargs = dict(prompts=list(prompts) or [''], n=n)
+  else:
+    kwargs = heldout_conditions(ctx, task, n)
+  spec_, knobs = ctx.settings(task)
+  samples, info = generate(ctx, task, seed=seed, settings=(spec_, knobs), **kwargs)
+  out_dir = out_dir or os.path.join(workdir, 'samples', task)
+  if jax.process_index() != 0:  # Every process sampled the same rows; one writes them.
+    return samples
+  page = gallery.write(out_dir, samples, title=f'{task} samples of {workdir} (step {ctx.step})',
+                       audio_rate=ctx.cfg.audio.sample_rate, settings=dataclasses.asdict(spec_) | knobs._asdict())
+  log.info('%d %s samples in %.1f s (%d forward passes) -> %s', len(samples), task, info['seconds'],
+           info['forward_passes'], page)
+  return samples

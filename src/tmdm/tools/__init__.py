@@ -1,0 +1,3 @@
+"""Tools around a run: the train-step and input benchmarks (bench.py), sampling throughput
+(sample_bench.py), compile-check for meshes and TPU topologies (compile_check.py), the sampler-settings
+sweep (sample_sweep.py). May import evaluation/ and below."""

@@ -1,0 +1,168 @@
+"""`tmdm sample-sweep`: measure sampler settings on a trained checkpoint and pick a task's defaults.
+
+For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every combination of
+  reveal rule   'ancestral', 'confidence:SCHEDULE' (sampling.COUNT_SCHEDULES), 'threshold:TAU'
+  steps         total denoising steps (an upper bound for 'threshold')
+  temperature
+  guidance      classifier-free guidance weight w (cross-modal tasks)
+and writes sweep.csv, sweep.md (a table sorted by the task's metric, evaluate.PRIMARY) and sweep.png
+(the metric against steps, one line per rule and temperature, one panel per guidance weight). The
+chosen setting is the best metric; among settings within `tolerance` of it (exact ties by default),
+the best by the task's secondary metric (evaluate.SECONDARY: T2I the Fréchet distance), then the one
+with the fewest forward passes. `--record=FILE.json` writes it (with the metric and the command) into a
+file the user names and prints the line that puts it into an experiment file; no config reads it by
+itself, so an experiment gives the same settings until someone changes the experiment.
+
+Steps, temperature, guidance and tau are traced sampler inputs (sampling.Knobs): one compile per
+reveal rule serves the whole grid.
+"""
+
+import csv
+import datetime
+import itertools
+import json
+import logging
+import os
+
+from tmdm import errors
+from tmdm.diffusion import sampling
+from tmdm.evaluation import evaluators as evaluate
+from tmdm.generation import generate, tasks as tasks_lib
+
+log = logging.getLogger('tmdm')
+
+
+def parse_rule(text: str, section) -> tuple[str, dict]:
+  """'confidence:cosine' -> ('confidence', {'schedule': 'cosine'}); 'threshold:0.8' -> tau 0.8."""
+  name, _, arg = text.partition(':')
+  if name not in sampling.SAMPLERS:
+    raise errors.ConfigError(f'unknown sampler {name!r} in {text!r} (choices: {", ".join(sampling.SAMPLERS)})')
+  if name == 'confidence':
+    schedule = arg or section.schedule
+    if schedule not in sampling.COUNT_SCHEDULES:
+      raise errors.ConfigError(f'unknown schedule {schedule!r} (choices: {", ".join(sampling.COUNT_SCHEDULES)})')
+    return name, {'schedule': schedule}
+  if name == 'threshold':
+    return name, {'threshold': float(arg) if arg else section.threshold}
+  return name, {}
+
+
+def _floats(text):
+  return [float(x) for x in text.split(',') if x.strip()]
+
+
+def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, guidance, tolerance: float = 0.0):
+  """Rows of {setting..., metrics...} for the grid, and the chosen row."""
+  if task not in evaluate.TASK_EVALUATOR:
+    raise errors.ConfigError(f'no evaluator for task {task!r} (choices: {", ".join(evaluate.TASK_EVALUATOR)})')
+  evaluator = evaluate.EVALUATORS[evaluate.TASK_EVALUATOR[task]]
+  metric, higher = evaluate.PRIMARY[task]
+  section = tasks_lib.sampler_section(ctx.cfg.sample, task)
+  guidance = guidance if tasks_lib.TASKS[task].kind != 'text' else [0.0]
+  rows = []
+  for rule in rules:
+    name, extra = parse_rule(rule, section)
+    spec_ = sampling.SamplerSpec(sampler=name, schedule=extra.get('schedule', section.schedule), top_p=section.top_p,
+                                 block_len=section.block_len, guided=any(w != 0 for w in guidance),
+                                 guidance_schedule=section.guidance_schedule, reuse=section.reuse)
+    for n_steps, temp, w in itertools.product(steps, temperatures, guidance):
+      knobs = sampling.Knobs(steps=int(n_steps), temperature=float(temp), guidance=float(w),
+                             threshold=extra.get('threshold', section.threshold))
+
+      def settings(_ctx, _task, spec_=spec_, knobs=knobs):
+        return spec_, knobs
+
+      got = evaluator(ctx, settings=settings)
+      row = {'rule': rule, 'sampler': name, 'schedule': spec_.schedule, 'threshold': knobs.threshold,
+             'steps': int(n_steps), 'temperature': float(temp), 'guidance': float(w),
+             'metric': got[metric], **{k: v for k, v in got.items() if k != metric}}
+      log.info('%s steps=%d T=%g w=%g: %s=%.4f', rule, n_steps, temp, w, metric, got[metric])
+      rows.append(row)
+  best = max(r['metric'] if higher else -r['metric'] for r in rows)
+  close = [r for r in rows if (r['metric'] if higher else -r['metric']) >= best - tolerance]
+  cost = lambda r: r.get(f'{task}/forward_passes', r['steps'])
+  second, second_higher = evaluate.SECONDARY.get(task, (None, True))
+  tie = lambda r: 0.0 if second is None else (-r[second] if second_higher else r[second])
+  chosen = min(close, key=lambda r: (tie(r), cost(r), -(r['metric'] if higher else -r['metric'])))
+  return rows, chosen, metric, higher
+
+
+def _write_table(out_dir, rows, metric, higher):
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(out_dir, 'sweep.csv'), 'w', newline='', encoding='utf-8') as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  ordered = sorted(rows, key=lambda r: -r['metric'] if higher else r['metric'])
+  cols = ['rule', 'steps', 'temperature', 'guidance', 'metric'] + [k for k in keys if k.endswith('/seconds')]
+  lines = [f'| {" | ".join(c if c != "metric" else metric for c in cols)} |', '|' + '---|' * len(cols)]
+  for r in ordered:
+    lines.append('| ' + ' | '.join(f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in cols) + ' |')
+  with open(os.path.join(out_dir, 'sweep.md'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
+  return '\n'.join(lines)
+
+
+def _plot(path, rows, metric, task):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  weights = sorted({r['guidance'] for r in rows})
+  fig, axes = plt.subplots(1, len(weights), figsize=(4.5 * len(weights), 3.6), squeeze=False, sharey=True)
+  for ax, w in zip(axes[0], weights):
+    for (rule, temp), group in itertools.groupby(sorted((r for r in rows if r['guidance'] == w),
+                                                        key=lambda r: (r['rule'], r['temperature'], r['steps'])),
+                                                 key=lambda r: (r['rule'], r['temperature'])):
+      group = list(group)
+      ax.plot([r['steps'] for r in group], [r['metric'] for r in group], marker='o', label=f'{rule} T={temp:g}')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('steps')
+    ax.set_title(f'{task}, guidance w={w:g}')
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(metric)
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str:
+  """Writes a task's chosen sampler keys, with the metric and the command that chose them, into the
+  JSON file `path` (other tasks in it are kept); returns the line that puts them into an experiment
+  file. Nothing reads the file by itself: measured settings become part of an experiment by review."""
+  data = {'tasks': {}}
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  keys = {'sampler': chosen['sampler'], 'schedule': chosen['schedule'], 'threshold': float(chosen['threshold']),
+          'steps': int(chosen['steps']), 'temperature': float(chosen['temperature']),
+          'guidance': float(chosen['guidance'])}
+  data.setdefault('tasks', {})[task] = {'chosen': keys, 'metric': {metric: chosen['metric']}, 'command': command,
+                                        'date': datetime.date.today().isoformat()}
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write('\n')
+  section = 'c.sample' if task == 'text' else f'c.sample.{task}'
+  return f'{section}.update({", ".join(f"{k}={v!r}" for k, v in keys.items())})'
+
+
+
+def sweep_command(workdir, task, *, rules, steps, temperatures, guidance, out_dir=None, record_path='',
+                  tolerance=0.0, overrides=(), command=''):
+  ctx = generate.Context.from_workdir(workdir, overrides)
+  rows, chosen, metric, higher = run_sweep(ctx, task, rules=[r.strip() for r in rules.split(',') if r.strip()],
+                                           steps=[int(x) for x in _floats(steps)], temperatures=_floats(temperatures),
+                                           guidance=_floats(guidance), tolerance=tolerance)
+  out_dir = out_dir or os.path.join(workdir, 'sample_sweep', task)
+  os.makedirs(out_dir, exist_ok=True)
+  table = _write_table(out_dir, rows, metric, higher)
+  _plot(os.path.join(out_dir, 'sweep.png'), rows, metric, task)
+  print(table)
+  summary = {k: chosen[k] for k in ('rule', 'steps', 'temperature', 'guidance', 'metric')}
+  print(f'chosen for {task}: {json.dumps(summary)}'
+        f' -> {out_dir}/sweep.{{csv,md,png}}')
+  if record_path:
+    line = record(task, chosen, metric, command, record_path)
+    print(f'recorded in {record_path}; to use it, put into the experiment file:\n  {line}')
+  return rows, chosen
+

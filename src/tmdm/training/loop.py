@@ -1,0 +1,327 @@
+"""The training loop, top to bottom: set up, restore, compile, then steps until done or stopped.
+
+Everything pure lives elsewhere (training/step, model, diffusion); this module touches files, clocks
+and mutable state. Metrics of step s are fetched after step s+1 is dispatched, so the host never
+waits for the device except at checkpoints and evaluations. Generation metrics during training
+(eval.every_steps) come from a callable the caller passes (evaluation/ sits above this layer).
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import tqdm
+
+from tmdm import errors
+from tmdm.config import checks as config_checks
+from tmdm.data import mixture, pipeline, shards as shards_lib
+from tmdm.diffusion import loss as loss_lib
+from tmdm.training import checkpoint as checkpoint_lib, metrics as metrics_lib, perf, resilience
+from tmdm.training import setup as setup_lib, state as train_state, step as train_step, validation
+
+log = logging.getLogger('tmdm')
+
+# (setup, params, step) -> metrics: generation metrics every eval.every_steps (evaluation.evaluators).
+GenerationEval = Callable[[setup_lib.Setup, object, int], dict]
+
+
+def _tokenizer_hashes(manifests: dict) -> dict:
+  return {name: {field: tok['sha256'] for field, tok in m['tokenizers'].items()} for name, m in manifests.items()}
+
+
+def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
+  """Config-level mismatches between a checkpoint and this run: one-line errors, nothing moved."""
+  changed = config_checks.changed_keys(meta.get('config', {}), cfg, ('model', 'vocab'))
+  if changed:
+    name, value, now = changed[0]
+    raise errors.ConfigError(f'the checkpoint in {ckpt_dir} has {name}={value!r} but the config says {now!r}; '
+                                 'use a new --workdir or the same model')
+  hashes = _tokenizer_hashes(manifests)
+  for name, fields in meta.get('tokenizers', {}).items():
+    for field, digest in fields.items():
+      if name in hashes and hashes[name].get(field) != digest:
+        raise errors.ConfigError(
+            f'the {field} tokenizer of the {name} data ({mixture.root(cfg, name)}) is not the one the checkpoint in '
+            f'{ckpt_dir} was trained with (sha256 {digest[:12]}... vs {hashes[name].get(field, "none")[:12]}...)')
+  if meta.get('num_shards', shards.num_shards) != shards.num_shards:
+    raise errors.ConfigError(f'the checkpoint in {ckpt_dir} was written with {meta["num_shards"]} data shards, '
+                                 f'this run has {shards.num_shards}: set --config.data.num_shards={meta["num_shards"]}')
+
+
+def _mismatch_error(e: checkpoint_lib.StateMismatch, cfg, ckpt_dir) -> errors.ConfigError:
+  """The config keys behind a train state that differs from the checkpoint's, in one line."""
+  changed = config_checks.changed_keys(e.saved_config, cfg, config_checks.STATE_SECTIONS)
+  keys = ', '.join(f'{name} ({value!r} in the checkpoint, {now!r} now)' for name, value, now in changed)
+  cause = (f'the config differs from the checkpoint\'s in {keys}: set them back or use a new --workdir' if keys else
+           'no config key differs from the checkpoint\'s (was the code changed?)')
+  return errors.ConfigError(f'checkpoint {e.step} in {ckpt_dir} holds another train state than this run builds; '
+                                f'{cause} (nothing was moved; {e.detail})')
+
+
+def _restore(s: setup_lib.Setup, ckpt, shards):
+  """restore_latest_good's answer, with its refusals in the config's terms."""
+  target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
+  try:
+    return ckpt.restore_latest_good(target, s.mesh_shape.as_tuple(), shards)
+  except checkpoint_lib.StateMismatch as e:
+    raise _mismatch_error(e, s.cfg, ckpt.directory) from None
+  except checkpoint_lib.NothingRestorable as e:
+    if not s.cfg.checkpoint.allow_fresh_start:  # A run never starts over by itself: it would lose the run.
+      raise checkpoint_lib.NothingRestorable(
+          f'{e}; not starting over from step 0: put a good checkpoint back, or set '
+          '--config.checkpoint.allow_fresh_start=true to train from scratch') from None
+    log.warning('%s; starting from step 0 (checkpoint.allow_fresh_start)', e)
+    return None
+
+
+def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, restore_data=True):
+  """(state, first step): the newest good checkpoint, or a fresh sharded init when there is no
+  checkpoint (or none restores and checkpoint.allow_fresh_start is set)."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    try:
+      meta = ckpt.read_meta(latest)
+    except Exception:  # pylint: disable=broad-except  (unreadable meta: restore_latest_good handles it)
+      meta = {}
+    _check_resumable(meta, s.cfg, manifests, shards, ckpt.directory)
+  found = _restore(s, ckpt, shards)
+  if found is None:
+    return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
+  state, data_state, _, step = found
+  if restore_data:
+    data_iter.set_state(data_state)
+  log.info('resumed from step %d in %s', step, ckpt.directory)
+  return state, step
+
+
+def _global_batch(local: dict, sharder, stop_vote: int) -> dict:
+  """A process-local batch as global arrays, plus this process's stop vote in each of its rows
+  (resilience.Preemption)."""
+  batch = pipeline.to_global(local, sharder)
+  votes = np.full((len(local['tokens']),), stop_vote, np.int32)
+  batch['stop'] = jax.make_array_from_process_local_data(sharder.batch(1), votes)
+  return batch
+
+
+def due(done: int, every: int, num_steps: int, stopping: bool = False) -> bool:
+  """Whether a periodic action (log, checkpoint) runs after `done` steps: every `every` steps, at
+  the last step and when stopping."""
+  return done % every == 0 or done == num_steps or stopping
+
+
+class MetricsWindow:
+  """The sums of one logging interval, kept on device until `flush` fetches them one step late."""
+
+  def __init__(self, writer, bar, skips, tokens_per_step: int, flops_per_step: float, peak: float):
+    self.writer, self.bar, self.skips = writer, bar, skips
+    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+    self._start()
+    self.pending = None  # (step, sums, hparams, steps) closed, not yet fetched
+    self.clock = time.perf_counter()
+    self.failed_saves = 0
+
+  def _start(self):
+    self.sums, self.hparams, self.steps = None, None, 0
+
+  def add(self, metrics):
+    metrics = dict(metrics)
+    self.hparams = metrics.pop('hparams')  # Not summed: the newest step's values are logged.
+    metrics.pop('stop', None)  # Read by the loop, not logged.
+    self.sums = metrics if self.sums is None else jax.tree.map(lambda a, b: a + b, self.sums, metrics)
+    self.steps += 1
+
+  def close(self, step: int):
+    """Ends the interval at `step`; it is written by the next flush()."""
+    self.pending = (step, self.sums, self.hparams, self.steps)
+    self._start()
+
+  def flush(self) -> dict | None:
+    """Fetches and writes the closed interval (None if there is none); returns its metrics."""
+    if self.pending is None:
+      return None
+    step, sums, hparams, steps = self.pending
+    self.pending = None
+    host, hparams = jax.device_get((sums, hparams))
+    now = time.perf_counter()
+    dt, self.clock = (now - self.clock) / steps, now
+    out = loss_lib.finalize(host)
+    out.update({k: float(v) for k, v in hparams.items()})  # lr, b1, b2, eps, weight_decay, kappa
+    out.update(grad_norm=float(host['grad_norm']) / max(steps - float(host['nonfinite']), 1),
+               nonfinite=float(host['nonfinite']), step_time_s=dt, tokens_per_s=self.tokens_per_step / dt,
+               mfu=perf.mfu(self.flops_per_step, dt, jax.device_count(), self.peak),
+               **{f'data/skipped/{k}': v for k, v in self.skips.counts.items()})
+    if self.failed_saves:
+      out['checkpoint/failed_saves'] = self.failed_saves
+    self.writer.write(step, out)
+    self.bar.set_postfix(loss=f'{out.get("loss", float("nan")):.3f}', refresh=False)
+    return out
+
+
+class Saver:
+  """Checkpoints of the loop: never inside a non-finite streak; failures stop the run or, with
+  checkpoint.on_error=warn, are counted and training goes on."""
+
+  def __init__(self, cfg, ckpt, shards, meta: dict, streak, window: MetricsWindow):
+    self.cfg, self.ckpt, self.shards, self.meta, self.streak, self.window = cfg, ckpt, shards, meta, streak, window
+
+  def save(self, step: int, state, data_state):
+    if self.streak.active:  # A rollback must land before the streak.
+      log.warning('step %d: checkpoint skipped during a non-finite streak', step)
+      return
+    try:
+      self.ckpt.save(step, state, data_state, self.shards.num_shards, self.cfg.to_dict(), self.meta)
+    except checkpoint_lib.CheckpointError as e:
+      if self.cfg.checkpoint.on_error == 'stop':
+        raise
+      self.window.failed_saves += 1
+      log.error('%s -- TRAINING CONTINUES WITHOUT THIS CHECKPOINT (checkpoint.on_error=warn)', e)
+
+  def close(self):
+    """Finishes the background saves whatever stopped the loop: the last good checkpoint counts."""
+    try:
+      self.ckpt.close()
+    except checkpoint_lib.CheckpointError as e:
+      if self.cfg.checkpoint.on_error == 'stop' and sys.exc_info()[0] is None:
+        raise
+      log.error('%s', e)
+
+
+class Flags:
+  """The two flags every process must agree on (non-finite streak, stop votes), read one step late
+  so that the host does not wait for the device, and read at once before a checkpoint."""
+
+  def __init__(self, streak, preemption):
+    self.streak, self.preemption, self.previous = streak, preemption, None
+
+  def after(self, metrics, step: int):
+    """Step `step` was dispatched with `metrics`: reads the previous step's flags (already done)."""
+    if self.previous is not None:
+      self.streak.update(self.previous['nonfinite'], step)
+      self.preemption.count(self.previous['stop'])
+    self.previous = metrics
+
+  def now(self, metrics, done: int):
+    """Reads this step's flags before saving it (every process reads the same values)."""
+    flags = jax.device_get({k: metrics[k] for k in ('nonfinite', 'stop')})
+    self.streak.update(flags['nonfinite'], done)
+    self.preemption.count(flags['stop'])
+    self.previous = None
+
+
+def run(cfg, workdir: str, *, generation_eval: GenerationEval | None = None) -> dict:
+  """Trains (or resumes) to cfg.train.num_steps; returns the last logged metrics. With
+  train.rollbacks > 0, a streak of non-finite steps restarts from the last checkpoint with a new
+  data seed instead of stopping. generation_eval: see GenerationEval (needed by eval.every_steps)."""
+  if cfg.eval.every_steps and generation_eval is None:
+    raise errors.ConfigError('eval.every_steps needs a generation evaluator: run through `tmdm train`, or pass '
+                             'generation_eval=evaluation.evaluators.TrainingEvaluator()')
+  for attempt in range(cfg.train.rollbacks + 1):
+    try:
+      return _run(cfg, workdir, fresh_data=attempt > 0, generation_eval=generation_eval)
+    except resilience.NonFiniteError as e:
+      if attempt == cfg.train.rollbacks:
+        raise
+      cfg = cfg.copy_and_resolve_references()
+      cfg.data.seed = shards_lib.data_seed(cfg) + 7919 * (attempt + 1)
+      cfg.train.fault_nonfinite_steps = ()  # Injected faults model a transient problem of the first attempt.
+      log.error('%s: rolling back to the last checkpoint with data seed %d', e, cfg.data.seed)
+  raise AssertionError('unreachable')
+
+
+def _write_config(cfg, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _compile(s: setup_lib.Setup, state, batch, manifests):
+  """(compiled train step, eval function, seconds to compile)."""
+  state_sh = train_state.state_shardings(s.model, s.tx, s.sharder, s.seq_len)
+  step_fn, eval_fn = train_step.jit_steps(s.model, s.tx, s.diffusion, s.vocab, s.sharder, state_sh,
+                                          s.cfg.train.microbatches, s.cfg.train.fault_nonfinite_steps,
+                                          focus_ids=validation.focus_ids(s.cfg, manifests, s.vocab))
+  t0 = time.perf_counter()
+  step_fn = step_fn.lower(state, batch).compile()
+  jax.block_until_ready(checkpoint_lib.fingerprint(state))  # Compiled now, not inside the first save.
+  return step_fn, eval_fn, time.perf_counter() - t0
+
+
+def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
+  primary = jax.process_index() == 0
+  manifests = shards_lib.check_data(cfg)
+  s = setup_lib.build(cfg)
+  _write_config(cfg, workdir)
+
+  shards = shards_lib.owned(cfg)
+  data_iter, skips = shards_lib.train_iterator(cfg, s.vocab, shards)
+  val = shards_lib.eval_batches(cfg, s.vocab, s.sharder, shards)
+  ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(workdir, 'checkpoints'),
+                                     keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
+  meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
+          'num_shards': shards.num_shards}
+
+  batch = _global_batch(next(data_iter), s.sharder, stop_vote=0)
+  step_fn, eval_fn, compile_s = _compile(s, state, batch, manifests)
+  tokens_per_step = cfg.train.batch_size * s.seq_len
+  flops_per_step = s.model_cfg.flops_per_token(s.seq_len) * tokens_per_step
+  log.info('mesh %s on %d devices | %.2fM params (%.2fM non-embedding) | %.3g FLOPs/step | compile %.1fs',
+           s.mesh_shape.as_tuple(), jax.device_count(), s.model_cfg.num_params / 1e6,
+           s.model_cfg.non_embedding_params / 1e6, flops_per_step, compile_s)
+
+  t = cfg.train
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, enabled=primary)
+  bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (primary and t.progress), unit='step',
+                  dynamic_ncols=True)
+  window = MetricsWindow(writer, bar, skips, tokens_per_step, flops_per_step, perf.peak_tflops_per_device(t.peak_tflops))
+  streak = resilience.NonFiniteStreak(t.max_nonfinite_streak)
+  saver = Saver(cfg, ckpt, shards, meta, streak, window)
+  last = {}
+  try:
+    with resilience.Preemption() as preemption:
+      flags = Flags(streak, preemption)
+      for step in range(start, t.num_steps):
+        if step > start:
+          batch = _global_batch(next(data_iter), s.sharder, preemption.vote())
+        data_state = data_iter.get_state()
+        state, metrics = step_fn(state, batch)
+        window.add(metrics)
+        flags.after(metrics, step)
+        last = window.flush() or last  # The previous interval: the device is already busy with this step.
+        done = step + 1
+        bar.update(1)
+        checkpoint_due = due(done, cfg.checkpoint.every_steps, t.num_steps)
+        if checkpoint_due:
+          flags.now(metrics, done)
+        stopping = preemption.reached(done)
+        if due(done, t.log_every_steps, t.num_steps, stopping):
+          window.close(done)
+        if checkpoint_due or stopping:
+          if flags.previous is not None:  # Stopping between checkpoints: this step's streak flag first.
+            flags.now(metrics, done)
+          saver.save(done, state, data_state)
+        if stopping:
+          log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.reason, done)
+          break
+        if t.eval_every_steps and done % t.eval_every_steps == 0 and done < t.num_steps:
+          writer.write(done, validation.evaluate(eval_fn, state.params, val, cfg.seed + 1))
+        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
+          writer.write(done, generation_eval(s, state.params, done))
+      last = window.flush() or last
+      if val and not preemption.stop:
+        final_eval = validation.evaluate(eval_fn, state.params, val, cfg.seed + 1)
+        writer.write(t.num_steps, final_eval)
+        last.update(final_eval)
+  finally:
+    bar.close()
+    writer.close()
+    saver.close()
+  if preemption.stop:
+    last['preempted'] = 1.0
+  return last
