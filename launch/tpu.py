@@ -6,8 +6,9 @@
       [--setup] [--prepare] [--detach] [--dry-run] [-- --config.KEY=VALUE ...]
 
 --create makes the VM; --setup copies this checkout (`git archive HEAD`: commit first) to every host,
-creates the virtual environment (launch/setup.sh) and installs jax[tpu]; --prepare builds the datasets
-on every host (deterministic, so every host holds the same data and reads its own share); --detach
+creates the virtual environment (launch/setup.sh) and installs jax[tpu]; --prepare builds the datasets:
+once, on worker 0, when `--config.data.root=gs://...` names shared storage, else on every host
+(deterministic; `tmdm train` refuses to start when the hosts' tokenizers differ); --detach
 starts training under nohup so the ssh session may close (log: ~/REPO_DIR/train.log on each host).
 The workdir must be storage all hosts share (a gs:// bucket or a shared file system) for checkpoints.
 """
@@ -55,8 +56,10 @@ def build(args, overrides) -> list:
                                       f'--version={args.runtime_version}')))
   if args.setup:
     out += setup_steps(args)
-  if args.prepare:
-    out.append(ssh(args, remote_tmdm(args, 'prepare', overrides=overrides)))
+  if args.prepare:  # Into shared storage: once, from worker 0. Else each host builds its own copy (the
+    # build is deterministic; training checks that every host's tokenizers agree before it starts).
+    shared = any(o.startswith('--config.data.root=') and '://' in o for o in overrides)
+    out.append(ssh(args, remote_tmdm(args, 'prepare', overrides=overrides), worker='0' if shared else 'all'))
   train = remote_tmdm(args, 'train', args.workdir, overrides)
   if args.detach:
     cd, _, cmd = train.partition(' && ')

@@ -40,3 +40,26 @@ def random_batch(vocab: vocab_lib.VocabSpec, rows, length, seed=0, modalities=(v
       out['tokens'][r, lo] = vocab.id('<txt>')
       out['role'][r, lo] = vocab_lib.FIXED
   return out
+
+
+def run_and_resumed_step(fn):
+  """Runs fn(); returns the step the trainer said it resumed from ("resumed from step N" in the log),
+  0 when it started from scratch."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  lines = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      lines.append(record.getMessage())
+  handler, logger = Collect(level=logging.INFO), logging.getLogger('tmdm')
+  old_level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    fn()
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+  found = [int(m.group(1)) for line in lines for m in [re.match(r'resumed from step (\d+) ', line)] if m]
+  return found[-1] if found else 0

@@ -88,3 +88,21 @@ def test_word_ids_are_the_pieces_of_the_words(text_data):
   # In a sentence, the pieces the word adds are in the set, the other words' pieces are not.
   sentence, prefix = set(tok.sp.encode('the number seven')), set(tok.sp.encode('the number'))
   assert sentence - prefix - {boundary} <= set(ids) and not prefix & set(ids)
+
+
+def test_prepare_is_reproducible_across_runs_and_folders(tmp_path):
+  """The same sources give the same bytes in another folder (SentencePiece trained on one thread,
+  its model written without its path), and a ShardedRecords opens only the shards it reads."""
+  roots = [str(tmp_path / name / 'ds') for name in ('a', 'b')]
+  for root in roots:
+    text.prepare_text(root, sources=['fortunes'], vocab_size=256, val_fraction=0.05, max_docs=400, shard_records=100)
+  files = {}
+  for root in roots:
+    files[root] = {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), 'rb').read()
+                   for d, _, names in os.walk(root) for f in names}
+  assert sorted(files[roots[0]]) == sorted(files[roots[1]]) and 'spm.model' in files[roots[0]]
+  assert all(files[roots[0]][k] == files[roots[1]][k] for k in files[roots[0]])
+  records = store.ShardedRecords(roots[0], 'train')
+  assert len(records.shards) >= 3
+  records[len(records) - 1]
+  assert records.opened_shards == [len(records.shards) - 1]

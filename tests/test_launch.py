@@ -62,6 +62,10 @@ def test_tpu_dry_run(capsys):
       f"{ssh} 'cd tmdm && .venv/bin/tmdm prepare --config=experiments/sizes.py:1b --config.train.num_steps=9' {where}",
       f"{ssh} 'cd tmdm && .venv/bin/tmdm train --config=experiments/sizes.py:1b --workdir=gs://b/1b "
       f"--config.train.num_steps=9' {where}"]
+  out = _dry(tpu, ['--tpu=pod', '--zone=z', '--config=c.py', '--workdir=gs://b/r', '--prepare', '--',
+                   '--config.data.root=gs://b/data'], capsys)
+  assert out[0] == ("gcloud compute tpus tpu-vm ssh pod --worker=0 --command 'cd tmdm && .venv/bin/tmdm prepare "
+                    "--config=c.py --config.data.root=gs://b/data' --zone=z")  # Shared storage: prepared once.
   out = _dry(tpu, ['--tpu=pod', '--zone=z', '--config=c.py', '--workdir=gs://b/r', '--detach'], capsys)
   assert out == [f"{ssh} 'cd tmdm && nohup .venv/bin/tmdm train --config=c.py "
                  "--workdir=gs://b/r > train.log 2>&1 &' --zone=z"]

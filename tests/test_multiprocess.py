@@ -128,3 +128,29 @@ def test_two_process_eval_matches_one(text_data, tmp_path):
   for k, v in one.items():
     if isinstance(v, float) and not k.endswith(('seconds', '_per_s')):  # timings differ
       np.testing.assert_allclose(two[k], v, rtol=2e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_hosts_with_different_tokenizers_refuse_to_train(text_data, tmp_path):
+  """Each host prepared its own copy and one tokenizer differs: both processes stop with one line
+  before compiling anything."""
+  other = tmp_path / 'other'
+  shutil.copytree(text_data, other)
+  manifest = other / 'fortunes-smoke' / 'manifest.json'
+  m = json.loads(manifest.read_text())
+  m['tokenizers']['text']['sha256'] = '0' * 64  # As if trained on another sample.
+  manifest.write_text(json.dumps(m))
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, '-m', 'tmdm.cli', 'train', f'--config={SMOKE}',
+                             f'--workdir={tmp_path / "run"}', f'--config.data.root={root}', '--host_devices=4',
+                             f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+                             *[f'--config.{k}={v}' for k, v in KV.items()]],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i, root in enumerate((text_data, str(other)))]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 2, out[-3000:]
+    assert 'processes [1] read datasets (text) tokenized by other tokenizers than process 0' in out, out[-3000:]
+  assert not (tmp_path / 'run' / 'checkpoints').exists()

@@ -135,7 +135,7 @@ def test_prepare_skips_ready_pairs_and_refuses_changed_settings(image_data, audi
     for key, value in settings.items():
       if key not in ('name', 'text_tokenizer_sha256'):
         overrides.append(f'--config.{section}.{key}={value if not isinstance(value, list) else tuple(value)}')
-  args = argparse.Namespace(config='experiments/smoke.py', force=False)
+  args = argparse.Namespace(config='experiments/smoke.py', force=False, beam_runner='', beam_options='')
   with caplog.at_level('INFO', logger='tmdm'):
     assert commands.prepare(args, overrides) == 0
   assert 'image dataset' in caplog.text and 'audio dataset' in caplog.text and caplog.text.count('is ready') == 3

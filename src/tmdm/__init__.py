@@ -3,7 +3,7 @@
 Packages by role, lowest layer first; a module imports only from its own package or from the
 layers below it (tests/test_layout.py checks every import, module-level and function-level):
 
-  errors, vocab           user-facing errors; the joint vocabulary layout
+  errors, storage, vocab  user-facing errors; local-or-URL files; the joint vocabulary layout
   parallel/               mesh shape, sharding rules, multi-process start-up
   model/ tokenizers/ data/   the Transformer; image/audio tokenizers; token stores, Grain pipelines
   diffusion/ optim        corruption, ELBO, samplers; the optimizer and its SDE batch scaler

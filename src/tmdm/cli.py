@@ -51,7 +51,10 @@ def _start_distributed(args):
 def prepare(args, overrides):
   from tmdm.config import loader  # pylint: disable=import-outside-toplevel
   from tmdm.datasets import prepare as prepare_lib  # pylint: disable=import-outside-toplevel
-  return prepare_lib.prepare(loader.load(args.config, overrides), force=args.force)
+  if args.beam_options and not args.beam_runner:
+    raise errors.ConfigError('--beam_options needs --beam_runner (e.g. --beam_runner=DirectRunner)')
+  return prepare_lib.prepare(loader.load(args.config, overrides), force=args.force, beam_runner=args.beam_runner,
+                             beam_options=args.beam_options)
 
 
 def train(args, overrides):
@@ -135,6 +138,12 @@ def _distributed_args(p):
 def _prepare_args(p):
   _config_arg(p)
   p.add_argument('--force', action='store_true', help='rebuild datasets that exist')
+  p.add_argument('--beam_runner', default='',
+                 help='build with an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, FlinkRunner, '
+                      '...; needs the `beam` extra); default: in this process')
+  p.add_argument('--beam_options', default='',
+                 help="Beam pipeline flags, passed through, e.g. '--direct_num_workers=2 "
+                      "--direct_running_mode=multi_processing'")
 
 
 def _train_args(p):
@@ -263,8 +272,9 @@ def main(argv=None):
   overrides = [a for a in argv if a.startswith('--config.')]
   argv = [a for a in argv if not a.startswith('--config.')]
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
-  for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
+  for noisy in ('absl', 'orbax', 'jax._src', 'grain', 'fsspec', 'google.auth'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger('gcsfs').setLevel(logging.ERROR)  # It warns on every gs:// call when it cannot tell a bucket's type.
 
   parser = argparse.ArgumentParser(prog='tmdm', description='Tri-modal masked diffusion pretraining.',
                                    epilog='Any subcommand also takes --host_devices=N and --config.KEY=VALUE.')

@@ -19,6 +19,7 @@ from tmdm import errors
 from tmdm.config import loader as config_loader
 from tmdm.data import pipeline, store
 from tmdm.training import checkpoint, loop as train, metrics, resilience, setup as setup_lib
+from helpers import run_and_resumed_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
@@ -127,9 +128,9 @@ def test_corrupt_checkpoint_falls_back_to_previous(text_data, tmp_path, damage):
       for i in range(len(data) // 3, len(data) // 3 + 64, 8):
         f.seek(i)
         f.write(bytes([data[i] ^ 0x01]))
-  before = len(metrics.read_jsonl(os.path.join(broken, 'metrics.jsonl')))
-  train.run(_cfg(text_data, **kv), broken)  # resumes from 4, redoes 5..8
-  assert metrics.read_jsonl(os.path.join(broken, 'metrics.jsonl'))[before]['step'] == 5  # first step after 4
+  assert run_and_resumed_step(lambda: train.run(_cfg(text_data, **kv), broken)) == 4  # redoes 5..8
+  assert [r['step'] for r in metrics.read_jsonl(os.path.join(broken, 'metrics.jsonl')) if 'loss' in r] == list(
+      range(1, 9))  # The lines the corrupt step's run wrote after step 4 were dropped, then logged again.
   quarantined = os.listdir(os.path.join(broken, 'corrupt'))
   assert len(quarantined) == 1 and quarantined[0].startswith('8-')
   a, b = _losses(straight), _losses(broken)

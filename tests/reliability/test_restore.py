@@ -17,7 +17,8 @@ import pytest
 from tmdm import errors
 from tmdm.config import checks as config_checks, loader as config_loader
 from tmdm.data import shards as shards_lib
-from tmdm.training import checkpoint, loop as train, metrics
+from tmdm.training import checkpoint, loop as train
+from helpers import run_and_resumed_step
 from test_faults import SMOKE, _cfg, _largest_file
 
 BASE = {'train.num_steps': 4, 'train.log_every_steps': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 3,
@@ -38,15 +39,9 @@ def run_dir(two_checkpoints, tmp_path):
   return workdir
 
 
-def _rows(workdir):
-  return [r for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'loss' in r]
-
-
 def _resume(text_data, workdir, **kv):
   """Runs on in `workdir`; returns the step it started from (0: from scratch)."""
-  before = len(_rows(workdir))
-  train.run(_cfg(text_data, **dict(BASE, **kv)), workdir)
-  return _rows(workdir)[before]['step'] - 1
+  return run_and_resumed_step(lambda: train.run(_cfg(text_data, **dict(BASE, **kv)), workdir))
 
 
 def _checkpoints(workdir):

@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes reading records (0: in the main process).
   c.data.prefetch = 2  # Batches prepared ahead by a host thread.
   c.data.spm_sample_docs = 200_000  # Documents given to the SentencePiece trainer.
+  c.data.beam_shard_records = 50_000  # --beam_runner: records per shard (in-process: 50,000 text, 1 per pair split).
+  c.data.beam_max_bad_fraction = 0.2  # --beam_runner: fail (no manifest) when more of the records read were bad.
+  c.data.beam_tokenizer_sample = 100_000  # --beam_runner: image/audio tokenizers train on the first N pairs (0: all).
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'  # Optimizer family in optim.OPTIMIZERS.

@@ -6,11 +6,10 @@ component reshuffles with its own seed. Evaluation reads each component's valida
 separately, so per-modality validation losses come from their own data.
 """
 
-import os
 
 import grain
 
-from tmdm import vocab as vocab_lib
+from tmdm import storage, vocab as vocab_lib
 from tmdm.data import pipeline, store
 
 COMPONENTS = vocab_lib.MODALITIES  # One component per modality: text, image-text pairs, audio-text pairs.
@@ -18,7 +17,7 @@ COMPONENTS = vocab_lib.MODALITIES  # One component per modality: text, image-tex
 
 def root(cfg, name: str) -> str:
   folder = {'text': cfg.data.text_name, 'image': cfg.image.name, 'audio': cfg.audio.name}[name]
-  return os.path.join(cfg.data.root, folder)
+  return storage.join(cfg.data.root, folder)
 
 
 def is_pairs(name: str) -> bool:

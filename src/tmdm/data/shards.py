@@ -7,8 +7,11 @@ process count, and the iterator state saved with a checkpoint is a per-shard sta
 """
 
 import dataclasses
+import hashlib
+import json
 
 import jax
+import numpy as np
 
 from tmdm.data import mixture, pipeline, store
 from tmdm.errors import ConfigError
@@ -39,11 +42,33 @@ def text_root(cfg):
 
 def check_data(cfg) -> dict:
   """The manifests of the datasets the config trains on; fails before any compilation when one is
-  missing or does not match the config."""
+  missing or does not match the config, or (several processes) when the processes' datasets were
+  tokenized by different tokenizers (each host prepared its own copy)."""
   try:
-    return mixture.check(cfg)
+    manifests = mixture.check(cfg)
   except store.DataError as e:
     raise ConfigError(str(e)) from None
+  if jax.process_count() > 1:
+    _check_same_tokenizers(manifests)
+  return manifests
+
+
+def tokenizer_digest(manifests: dict) -> bytes:
+  """sha256 over every dataset's tokenizer hashes: equal on two hosts iff they tokenize alike."""
+  hashes = {name: {field: tok['sha256'] for field, tok in m['tokenizers'].items()} for name, m in manifests.items()}
+  return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).digest()
+
+
+def _check_same_tokenizers(manifests: dict):
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  mine = np.frombuffer(tokenizer_digest(manifests), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+  if differ:
+    names = ', '.join(sorted(manifests))
+    raise ConfigError(f'processes {differ} read datasets ({names}) tokenized by other tokenizers than process 0: '
+                      'prepare once into storage every host reads (e.g. gs://), or copy process 0\'s datasets to '
+                      'every host')
 
 
 def owned(cfg) -> DataShards:

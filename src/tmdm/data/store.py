@@ -13,11 +13,11 @@ hash so that data and checkpoints can be checked against each other.
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import tensorstore as ts
 
+from tmdm import storage
 from tmdm.errors import DataError
 
 FORMAT = 'tmdm-tokens-v1'
@@ -28,7 +28,7 @@ SKIP = 'skip'  # Key of a record that could not be read: {SKIP: (reason, detail)
 
 
 def _spec(path):
-  return {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(path)}}
+  return {'driver': 'zarr3', 'kvstore': storage.tensorstore_kvstore(path)}
 
 
 def _write_array(path, values: np.ndarray, chunk: int):
@@ -46,18 +46,14 @@ def write_shard(path, records, fields, dtype=np.int32, chunk=1 << 16) -> dict:
     lengths = np.fromiter((len(p) for p in parts), np.int64, len(parts))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = np.concatenate(parts) if parts else np.zeros((0,), dtype)
-    _write_array(os.path.join(path, field, 'values'), values, chunk)
-    _write_array(os.path.join(path, field, 'offsets'), offsets, chunk)
+    _write_array(storage.join(path, field, 'values'), values, chunk)
+    _write_array(storage.join(path, field, 'offsets'), offsets, chunk)
     num_tokens[field] = int(offsets[-1])
   return {'path': path, 'num_records': len(records), 'num_tokens': num_tokens}
 
 
 def file_sha256(path) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
+  return hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
 
 def write_manifest(root, *, modality, fields, tokenizers: dict, splits: dict, source: dict):
@@ -67,25 +63,22 @@ def write_manifest(root, *, modality, fields, tokenizers: dict, splits: dict, so
       'format': FORMAT, 'modality': modality, 'fields': list(fields), 'tokenizers': tokenizers,
       'source': source,
       'splits': {
-          name: {'shards': [dict(s, path=os.path.relpath(s['path'], root)) for s in shards],
+          name: {'shards': [dict(s, path=storage.relative(s['path'], root)) for s in shards],
                  'num_records': sum(s['num_records'] for s in shards)}
           for name, shards in splits.items()
       },
   }
-  tmp = os.path.join(root, MANIFEST + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(root, MANIFEST))  # The manifest appears only once the data is complete.
+  # Written whole and last: the manifest appears only once the data is complete.
+  storage.write_text(storage.join(root, MANIFEST), json.dumps(manifest, indent=2))
   return manifest
 
 
 def read_manifest(root) -> dict:
-  path = os.path.join(root, MANIFEST)
-  if not os.path.isfile(path):
+  path = storage.join(root, MANIFEST)
+  if not storage.isfile(path):
     raise DataError(f'no dataset at {root}: {MANIFEST} is missing (run `tmdm prepare` first)')
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'unreadable manifest {path}: {e}') from None
   if manifest.get('format') != FORMAT:
@@ -96,7 +89,8 @@ def read_manifest(root) -> dict:
 class ShardedRecords:
   """Random access to the records of one split (a Grain RandomAccessDataSource).
 
-  Arrays are opened lazily in each process (the object pickles to Grain workers without handles).
+  Arrays are opened lazily in each process, a shard on its first read (the object pickles to Grain
+  workers without handles; a process opens the offsets of only the shards it reads).
   """
 
   def __init__(self, root, split, cache_bytes=64 << 20):
@@ -109,50 +103,54 @@ class ShardedRecords:
     for shard in self.shards:
       for field in self.fields:
         for part in ('values', 'offsets'):
-          meta = os.path.join(root, shard['path'], field, part, 'zarr.json')
-          if not os.path.isfile(meta):
+          meta = storage.join(root, shard['path'], field, part, 'zarr.json')
+          if not storage.isfile(meta):
             raise DataError(f'missing shard array {meta}')
     counts = np.array([s['num_records'] for s in self.shards], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(counts)])
-    self._arrays = None
+    self._arrays, self._context = {}, None
 
   def __len__(self):
     return int(self._starts[-1])
 
   def __getstate__(self):
-    return dict(self.__dict__, _arrays=None)
+    return dict(self.__dict__, _arrays={}, _context=None)
 
-  def _open(self):
-    context = ts.Context({'cache_pool': {'total_bytes_limit': self.cache_bytes}})
-    arrays = []
-    for shard in self.shards:
-      per_field = {}
-      for field in self.fields:
-        base = os.path.join(self.root, shard['path'], field)
-        try:
-          values = ts.open(_spec(os.path.join(base, 'values')), read=True, context=context).result()
-          offsets = ts.open(_spec(os.path.join(base, 'offsets')), read=True, context=context).result()
-          offsets = np.asarray(offsets.read().result())
-        except Exception as e:  # pylint: disable=broad-except
-          raise DataError(f'cannot read shard {base}: {e}') from None
-        if len(offsets) != shard['num_records'] + 1:
-          raise DataError(f'{base}: {len(offsets) - 1} records on disk, manifest says {shard["num_records"]}')
-        per_field[field] = (values, offsets)
-      arrays.append(per_field)
-    self._arrays = arrays
+  def _open(self, index: int) -> dict:
+    """The arrays of shard `index`: {field: (values, offsets read into memory)}."""
+    if self._context is None:
+      self._context = ts.Context({'cache_pool': {'total_bytes_limit': self.cache_bytes}})
+    shard, per_field = self.shards[index], {}
+    for field in self.fields:
+      base = storage.join(self.root, shard['path'], field)
+      try:
+        values = ts.open(_spec(storage.join(base, 'values')), read=True, context=self._context).result()
+        offsets = ts.open(_spec(storage.join(base, 'offsets')), read=True, context=self._context).result()
+        offsets = np.asarray(offsets.read().result())
+      except Exception as e:  # pylint: disable=broad-except
+        raise DataError(f'cannot read shard {base}: {e}') from None
+      if len(offsets) != shard['num_records'] + 1:
+        raise DataError(f'{base}: {len(offsets) - 1} records on disk, manifest says {shard["num_records"]}')
+      per_field[field] = (values, offsets)
+    self._arrays[index] = per_field
+    return per_field
+
+  @property
+  def opened_shards(self) -> list:
+    """Indices of the shards this process has opened (read at least one record of)."""
+    return sorted(self._arrays)
 
   def __getitem__(self, index):
-    if self._arrays is None:
-      self._open()
     index = int(index)
     shard = int(np.searchsorted(self._starts, index, side='right') - 1)
     local = index - self._starts[shard]
+    arrays = self._arrays.get(shard) or self._open(shard)
     out = {}
-    for field, (values, offsets) in self._arrays[shard].items():
+    for field, (values, offsets) in arrays.items():
       lo, hi = int(offsets[local]), int(offsets[local + 1])
       try:
         out[field] = np.asarray(values[lo:hi].read().result()) if hi > lo else np.zeros((0,), np.int32)
       except Exception as e:  # pylint: disable=broad-except  (a corrupt chunk: skip and count, name the file)
-        where = os.path.join(self.root, self.shards[shard]['path'], field)
+        where = storage.join(self.root, self.shards[shard]['path'], field)
         return {SKIP: ('unreadable', f'{where}: {str(e).splitlines()[0][:200]}')}
     return out

@@ -27,7 +27,7 @@ import math
 import jax
 import numpy as np
 
-from tmdm import errors
+from tmdm import errors, storage
 from tmdm.data import shards as shards_lib
 from tmdm.datasets import image as image_mod
 from tmdm.evaluation import measures as em
@@ -253,17 +253,15 @@ def eval_command(workdir, overrides=(), out_path=None) -> dict:
   """`tmdm eval`: every evaluator of eval.tasks on the latest checkpoint; writes WORKDIR/eval_STEP.json
   and a gallery of each task's generated samples under WORKDIR/eval_STEP/TASK/."""
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from tmdm.generation import gallery  # pylint: disable=import-outside-toplevel
   ctx = generate.Context.from_workdir(workdir, overrides)
   results = {'step': ctx.step, **run(ctx, names(ctx.cfg.eval.tasks))}
-  out_path = out_path or os.path.join(workdir, f'eval_{ctx.step}.json')
+  out_path = out_path or storage.join(workdir, f'eval_{ctx.step}.json')
   if jax.process_index() != 0:  # Every process computed the same numbers; one writes them.
     return results
-  with open(out_path, 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2)
+  storage.write_text(out_path, json.dumps(results, indent=2))
   for task, samples in ctx.last.items():
-    gallery.write(os.path.join(os.path.splitext(out_path)[0], task), samples,
+    gallery.write(storage.join(out_path[:-len('.json')] if out_path.endswith('.json') else out_path, task), samples,
                   title=f'tmdm eval: {task}, step {ctx.step}',
                   audio_rate=ctx.cfg.audio.sample_rate)
   log.info('wrote %s', out_path)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from tmdm import storage
 from tmdm.datasets import audio
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em;background:#fafafa}
@@ -34,7 +35,14 @@ def _media(out_dir, name, item, audio_rate):
 
 
 def write(out_dir, samples, *, title: str, audio_rate: int, settings: dict | None = None) -> str:
-  """Writes every sample and index.html into out_dir; returns the page's path."""
+  """Writes every sample and index.html into out_dir (a folder or a URL: built locally, then
+  uploaded, the page last); returns the page's path."""
+  with storage.staged(out_dir, last='index.html') as local:
+    _write_local(local, samples, title=title, audio_rate=audio_rate, settings=settings)
+  return storage.join(out_dir, 'index.html')
+
+
+def _write_local(out_dir, samples, *, title: str, audio_rate: int, settings: dict | None):
   os.makedirs(out_dir, exist_ok=True)
   cards, texts = [], []
   for i, smp in enumerate(samples):
@@ -60,7 +68,5 @@ def write(out_dir, samples, *, title: str, audio_rate: int, settings: dict | Non
   page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
           f'<style>{_STYLE}</style></head><body><h2>{html.escape(title)}</h2><table>{rows}</table>'
           f'<div class="grid">{"".join(cards)}</div></body></html>\n')
-  path = os.path.join(out_dir, 'index.html')
-  with open(path, 'w', encoding='utf-8') as f:
+  with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
     f.write(page)
-  return path

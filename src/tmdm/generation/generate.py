@@ -11,6 +11,7 @@ Legend: N samples, L row length, T codes per item, S audio samples.
 
 import dataclasses
 import glob
+import io
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tmdm import errors, vocab as vocab_lib
+from tmdm import errors, storage, vocab as vocab_lib
 from tmdm.config import base as base_config, loader as config_loader
 from tmdm.data import mixture, store
 from tmdm.datasets import text
@@ -44,11 +45,10 @@ def _merge(base, saved: dict, where=''):
 
 
 def load_workdir_config(workdir, overrides=()):
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = storage.join(workdir, 'config.json')
+  if not storage.isfile(path):
     raise errors.ConfigError(f'{workdir} is not a training workdir ({path} is missing)')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(storage.read_text(path))
   cfg = base_config.get_config()
   _merge(cfg, saved)  # The run's own settings, sample.* included; command-line overrides win.
   return config_loader.apply_overrides(cfg, overrides)
@@ -83,7 +83,7 @@ class Context:
     except errors.ConfigError:  # Sampling on other hardware than training: plain data parallel.
       cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
     s = setup_lib.build(cfg, with_optimizer=False)
-    ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(storage.absolute(workdir), 'checkpoints'),
                                        keep=1, async_save=False)
     params, step, ema = ckpt.restore_params(train_state.abstract_params(s.model, s.sharder, s.seq_len),
                                             ema=cfg.sample.ema)
@@ -102,11 +102,11 @@ class Context:
     """'text' (SentencePiece of the text data), 'image' or 'audio' (the pair dataset's tokenizer)."""
     if kind not in self._tokenizers:
       if kind == 'text':
-        self._tokenizers[kind] = text.TextTokenizer(os.path.join(self.root('text'), 'spm.model'))
+        self._tokenizers[kind] = text.TextTokenizer(storage.join(self.root('text'), 'spm.model'))
       else:
         from tmdm.tokenizers import registry  # pylint: disable=import-outside-toplevel  (flax models)
         entry = store.read_manifest(self.root(kind))['tokenizers'][kind]
-        self._tokenizers[kind] = registry.load(os.path.join(self.root(kind), entry['file']))
+        self._tokenizers[kind] = registry.load(storage.join(self.root(kind), entry['file']))
     return self._tokenizers[kind]
 
   def sampler(self, spec_: sampling.SamplerSpec):
@@ -152,8 +152,9 @@ class Context:
     """The first n records of a pair dataset's validation split: {'text', kind, 'label'}."""
     root = self.root(kind)
     records = store.ShardedRecords(root, 'val')
-    labels_path = os.path.join(root, 'labels', 'val.npy')
-    labels = np.load(labels_path) if os.path.isfile(labels_path) else np.full(len(records), -1)
+    labels_path = storage.join(root, 'labels', 'val.npy')
+    labels = (np.load(io.BytesIO(storage.read_bytes(labels_path))) if storage.isfile(labels_path) else
+              np.full(len(records), -1))
     return [dict(records[i], label=int(labels[i])) for i in range(min(n, len(records)))]
 
 
@@ -266,7 +267,7 @@ def sample_command(workdir, *, task='text', prompts=(), inputs=(), n=0, out_dir=
     kwargs = heldout_conditions(ctx, task, n)
   spec_, knobs = ctx.settings(task)
   samples, info = generate(ctx, task, seed=seed, settings=(spec_, knobs), **kwargs)
-  out_dir = out_dir or os.path.join(workdir, 'samples', task)
+  out_dir = out_dir or storage.join(workdir, 'samples', task)
   if jax.process_index() != 0:  # Every process sampled the same rows; one writes them.
     return samples
   page = gallery.write(out_dir, samples, title=f'{task} samples of {workdir} (step {ctx.step})',

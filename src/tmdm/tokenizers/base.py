@@ -13,10 +13,11 @@ manifests record it so that data, checkpoints and the decoder can be checked aga
 import abc
 import hashlib
 import json
-import os
 
 import jax
 import numpy as np
+
+from tmdm import storage
 
 CONFIG_FILE = 'tokenizer.json'
 KINDS = {}  # kind name -> Tokenizer subclass; filled by `register` in image.py, audio.py (registry.py imports them).
@@ -79,8 +80,7 @@ def params_sha256(config: dict, params) -> str:
 
 
 def read_config(folder) -> dict:
-  path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(folder, CONFIG_FILE)
+  if not storage.isfile(path):
     raise FileNotFoundError(f'no tokenizer at {folder}: {CONFIG_FILE} is missing')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from tmdm import storage
 from tmdm.tokenizers import base
 
 PARAMS_DIR = 'params'
@@ -90,7 +91,7 @@ def restore(folder, abstract_params):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.abspath(os.path.join(folder, PARAMS_DIR)), target)
+    params = ckptr.restore(storage.absolute(storage.join(folder, PARAMS_DIR)), target)  # Local or a URL.
   config = {k: v for k, v in meta.items() if k != 'sha256'}
   digest = base.params_sha256(config, params)
   if digest != meta['sha256']:

@@ -29,9 +29,7 @@ every process restores the same step.
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -42,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tmdm import optim
+from tmdm import optim, storage
 from tmdm.errors import CheckpointError
 
 log = logging.getLogger('tmdm')
@@ -260,7 +258,7 @@ class Checkpointer:
   """The loop's view of Orbax: save, steps, latest good restore, error checks."""
 
   def __init__(self, directory, *, keep: int, async_save: bool):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # A local folder or a URL (gs://bucket/run/checkpoints).
     _single_process_array_writes()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
@@ -282,7 +280,7 @@ class Checkpointer:
     return epath.Path(self.directory) / str(step)
 
   def corrupt_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), 'corrupt')
+    return storage.join(storage.parent(self.directory), 'corrupt')
 
   def read_meta(self, step: int) -> dict:
     return self._json_handler.restore(self._step_dir(step) / 'meta', args=ocp.args.JsonRestore())
@@ -370,7 +368,7 @@ class Checkpointer:
   def quarantined(self) -> list:
     """Names of the steps moved aside into corrupt/ (by this run or an earlier one)."""
     folder = self.corrupt_dir()
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return storage.listdir(folder)
 
   def _nothing_restorable(self, moved) -> NothingRestorable:
     names = self.quarantined()
@@ -420,11 +418,10 @@ class Checkpointer:
 
   def _quarantine(self, step, reason) -> str:
     """Process 0 moves the step into corrupt/; the others wait for it, then all re-list."""
-    dst = os.path.join(self.corrupt_dir(), f'{step}-{int(time.time())}')
+    dst = storage.join(self.corrupt_dir(), f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
       log.error('checkpoint %d is corrupt (%s); moved to %s, trying the previous one', step, reason, dst)
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dst)
+      storage.move(storage.join(self.directory, str(step)), dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'tmdm: checkpoint {step} moved aside')
     self.manager.reload()

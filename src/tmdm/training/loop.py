@@ -8,7 +8,6 @@ waits for the device except at checkpoints and evaluations. Generation metrics d
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Callable
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
-from tmdm import errors
+from tmdm import errors, storage
 from tmdm.config import checks as config_checks
 from tmdm.data import mixture, pipeline, shards as shards_lib
 from tmdm.diffusion import loss as loss_lib
@@ -234,10 +233,9 @@ def run(cfg, workdir: str, *, generation_eval: GenerationEval | None = None) -> 
 
 
 def _write_config(cfg, workdir):
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(cfg.to_dict(), f, indent=2)
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, 'config.json'), json.dumps(cfg.to_dict(), indent=2))
 
 
 def _compile(s: setup_lib.Setup, state, batch, manifests):
@@ -261,7 +259,7 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   shards = shards_lib.owned(cfg)
   data_iter, skips = shards_lib.train_iterator(cfg, s.vocab, shards)
   val = shards_lib.eval_batches(cfg, s.vocab, s.sharder, shards)
-  ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or os.path.join(workdir, 'checkpoints'),
+  ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(workdir, 'checkpoints'),
                                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
   meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
@@ -276,7 +274,7 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
            s.model_cfg.non_embedding_params / 1e6, flops_per_step, compile_s)
 
   t = cfg.train
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, enabled=primary)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, enabled=primary, start_step=start)
   bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (primary and t.progress), unit='step',
                   dynamic_ncols=True)
   window = MetricsWindow(writer, bar, skips, tokens_per_step, flops_per_step, perf.peak_tflops_per_device(t.peak_tflops))

@@ -1,0 +1,56 @@
+"""How much a checkpoint fingerprint moves when the same array is summed on another mesh.
+
+The restore check (training/checkpoint._fingerprint_matches) compares two float32 sums per leaf,
+bitwise on the mesh that saved them and within a tolerance on another mesh (the partitioned sums add
+in another order). This measures that difference on the largest leaf of the 3B preset (the stacked
+SwiGLU up-projection, 24 x 3072 x 8192 = 604M floats, initialized like the model's) on the 8-device
+CPU meshes, and prints it against the tolerance.
+
+  python launch/fingerprint_tolerance.py [--shape=24,3072,8192]
+"""
+
+import argparse
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from tmdm.parallel import sharding  # pylint: disable=wrong-import-position
+from tmdm.training import checkpoint  # pylint: disable=wrong-import-position
+
+MESHES = ((1, 8, 1), (8, 1, 1), (2, 2, 2), (2, 1, 4))  # The first is the saving mesh.
+
+
+def main(argv):
+  p = argparse.ArgumentParser()
+  p.add_argument('--shape', default='24,3072,8192', help='the leaf (default: 3B stacked w_up)')
+  p.add_argument('--seed', type=int, default=0)
+  args = p.parse_args(argv)
+  shape = tuple(int(x) for x in args.shape.split(','))
+  host = (np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32) * 0.02 / np.sqrt(shape[1] / 256))
+  scale = float(np.abs(host, dtype=np.float64).sum() if host.size < 2**28 else
+                sum(np.abs(host[i], dtype=np.float64).sum() for i in range(shape[0])))
+  sums = {}
+  for mesh_shape in MESHES:
+    sharder = sharding.Sharder(sharding.make_mesh(mesh_shape))
+    x = jax.device_put(host, sharder.named((None, 'embed', 'mlp')))  # w_up's logical axes.
+    sums[mesh_shape] = np.asarray(checkpoint.fingerprint({'w': x}), np.float64)[0]
+    del x
+  base = sums[MESHES[0]]
+  print(f'leaf {shape} ({host.size / 1e6:.0f}M floats), sum|x| = {scale:.6g}')
+  print(f'{"mesh":>10} {"sum":>16} {"weighted sum":>16} {"|d sum|":>10} {"|d wsum|":>10} {"rel d":>9} '
+        f'{"|d|/sum|x|":>11} {"passes":>7}')
+  for mesh_shape, s in sums.items():
+    d = np.abs(s - base)
+    rel = d / np.maximum(np.abs(base), 1e-30)
+    ok = checkpoint._fingerprint_matches(base[None], s[None], same_mesh=False)  # pylint: disable=protected-access
+    print(f'{"x".join(map(str, mesh_shape)):>10} {s[0]:16.8g} {s[1]:16.8g} {d[0]:10.3g} {d[1]:10.3g} '
+          f'{rel.max():9.2g} {d.max() / scale:11.3g} {str(ok):>7}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
