@@ -209,3 +209,37 @@ def test_cli_prepare_with_a_beam_runner(tmp_path, capsys):
   assert cli.main(common + ['--beam_runner=DirectRunner']) == 0  # Built with the same settings: kept.
   assert os.path.getmtime(root / store.MANIFEST) == stamp
   shutil.rmtree(root)
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_dataset_and_reruns_to_the_same_bytes(tmp_path):
+  """SIGKILL of `tmdm prepare --beam_runner=DirectRunner` while its pipeline writes shards: no
+  manifest (no readable dataset); the same command again gives the in-process bytes."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  common = ['prepare', f'--config={os.path.join(repo, "experiments", "smoke.py")}',
+            '--config.data.text_max_docs=300', '--config.vocab.text_size=256']
+  ref = tmp_path / 'in_process'
+  assert cli.main(common + [f'--config.data.root={ref}']) == 0
+  root = tmp_path / 'beam'
+  argv = [sys.executable, '-m', 'tmdm.cli', *common, f'--config.data.root={root}', '--beam_runner=DirectRunner']
+  proc = subprocess.Popen(argv, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  work = root / 'fortunes-smoke' / '.beam-work'
+  end = time.time() + 240
+  while not work.exists() and proc.poll() is None and time.time() < end:
+    time.sleep(0.02)
+  assert proc.poll() is None, 'prepare finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (root / 'fortunes-smoke' / store.MANIFEST).exists()
+  assert subprocess.run(argv, cwd=repo, capture_output=True, check=False).returncode == 0
+  got, want = tree(str(root / 'fortunes-smoke')), tree(str(ref / 'fortunes-smoke'))
+  want.pop('spm.vocab', None)  # Only the in-process builder lists the pieces (nothing reads it).
+  got.pop(store.MANIFEST), want.pop(store.MANIFEST)
+  assert got == want
+  m_got, m_want = manifest(str(root / 'fortunes-smoke')), manifest(str(ref / 'fortunes-smoke'))
+  m_got['source'].pop('skipped')
+  assert m_got == m_want

@@ -5,6 +5,7 @@ tensorboardX) through STORAGE_EMULATOR_HOST, tensorstore (token arrays, Orbax) t
 TENSORSTORE_GCS_HTTP_URL and a test token. The end-to-end test kills a `tmdm train` writing to
 gs:// and resumes it: the losses equal an uninterrupted local run's."""
 
+import itertools
 import json
 import logging
 import os
@@ -182,3 +183,27 @@ def test_prepare_and_train_in_a_bucket_killed_and_resumed(gcs, tmp_path):
     assert steps >= set(range(saved[-1] + 1, 31))
   for folder in (str(tmp_path), REPO, os.getcwd()):
     assert not os.path.exists(os.path.join(folder, 'gs:')), f'a local gs: folder appeared in {folder}'
+
+
+def test_beam_prepare_reads_and_writes_the_bucket(gcs, tmp_path):
+  """`tmdm prepare --beam_runner=DirectRunner` with a JSONL source and the data root both on gs://:
+  the token arrays equal an in-process build of the same documents on local disk."""
+  pytest.importorskip('apache_beam')
+  from tmdm import cli  # pylint: disable=import-outside-toplevel
+  from tmdm.datasets import text  # pylint: disable=import-outside-toplevel
+  docs = list(itertools.islice(text.read_fortunes(), 300))
+  body = ''.join(json.dumps({'text': d}) + '\n' for d in docs)
+  local_src = tmp_path / 'docs.jsonl'
+  local_src.write_text(body)
+  storage.write_text(f'{gcs}/src/docs.jsonl', body)
+  common = ['prepare', f'--config={SMOKE}', '--config.vocab.text_size=128', '--config.data.text_name=docs']
+  assert cli.main(common + [f'--config.data.root={tmp_path / "local"}', f'--config.data.text_sources=jsonl:{local_src}']) == 0
+  assert cli.main(common + [f'--config.data.root={gcs}/beam', f'--config.data.text_sources=jsonl:{gcs}/src/docs.jsonl',
+                            '--beam_runner=DirectRunner']) == 0
+  local, remote = str(tmp_path / 'local' / 'docs'), f'{gcs}/beam/docs'
+  m_local, m_remote = store.read_manifest(local), store.read_manifest(remote)
+  assert m_remote['splits']['train']['num_records'] == m_local['splits']['train']['num_records'] > 90
+  assert storage.read_bytes(f'{remote}/spm.model') == storage.read_bytes(f'{local}/spm.model')
+  for split in ('train', 'val'):
+    a, b = store.ShardedRecords(local, split), store.ShardedRecords(remote, split)
+    assert len(a) == len(b) and all(np.array_equal(a[i]['text'], b[i]['text']) for i in range(len(a)))

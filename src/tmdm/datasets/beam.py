@@ -363,17 +363,7 @@ def _image_quality(root, tokenizer, val, cfg) -> dict:
   images = _as_float(val)
   codes = _encode_in_batches(tokenizer, images, cfg.encode_batch)
   labels = np.asarray([p['label'] for p, _ in val], np.int32)
-  recon = tokenizer.decode(codes)
-  db = image_tok.psnr(images, recon)
-  quality = {'val_psnr_db': round(float(db.mean()), 3), 'val_items': len(images)}
-  if (labels >= 0).any():
-    quality['val_psnr_db_digits'] = round(float(db[labels >= 0].mean()), 3)
-  if (labels < 0).any():
-    quality['val_psnr_db_other'] = round(float(db[labels < 0].mean()), 3)
-  order = np.argsort(labels)[::-1]
-  picks = np.concatenate([order[:8], order[-8:]])
-  image.save_preview(os.path.join(root, 'preview_val.png'), images[picks], recon[picks])
-  return quality
+  return image.tokenizer_quality(root, tokenizer, images, codes, labels)
 
 
 def _audio_quality(root, tokenizer, val, cfg) -> dict:

@@ -108,6 +108,22 @@ def read_adwaita(size, rng, counts):
     yield Item(f'icon-{phrase}', template.format(phrase=phrase, style=style), pixels)
 
 
+def tokenizer_quality(root, tokenizer, images, codes, labels) -> dict:
+  """PSNR of the tokenizer's reconstructions of validation images (digits and other images apart) and
+  ROOT/preview_val.png of 8 digits and 8 others, originals above reconstructions."""
+  recon = tokenizer.decode(codes)
+  db = image_tok.psnr(images, recon)
+  quality = {'val_psnr_db': round(float(db.mean()), 3), 'val_items': len(images)}
+  if (labels >= 0).any():
+    quality['val_psnr_db_digits'] = round(float(db[labels >= 0].mean()), 3)
+  if (labels < 0).any():
+    quality['val_psnr_db_other'] = round(float(db[labels < 0].mean()), 3)
+  order = np.argsort(labels)[::-1]  # Digits first, then icons.
+  picks = np.concatenate([order[:8], order[-8:]])
+  save_preview(os.path.join(root, 'preview_val.png'), images[picks], recon[picks])
+  return quality
+
+
 def read_pairs_jsonl(path, size, rng, counts, image_key='image'):
   """User pairs: {"image": path, "caption": text} per line; image paths relative to the file's folder."""
   del rng
@@ -219,16 +235,7 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
     labels = np.asarray([it.label for it, _ in part], np.int32)
     np.save(os.path.join(root, LABELS_DIR, f'{split}.npy'), labels)
     if split == 'val' and len(images):
-      recon = tokenizer.decode(codes)
-      db = image_tok.psnr(images, recon)
-      quality = {'val_psnr_db': round(float(db.mean()), 3), 'val_items': len(images)}
-      if (labels >= 0).any():
-        quality['val_psnr_db_digits'] = round(float(db[labels >= 0].mean()), 3)
-      if (labels < 0).any():
-        quality['val_psnr_db_other'] = round(float(db[labels < 0].mean()), 3)
-      order = np.argsort(labels)[::-1]  # Digits first, then icons.
-      picks = np.concatenate([order[:8], order[-8:]])
-      save_preview(os.path.join(root, 'preview_val.png'), images[picks], recon[picks])
+      quality = tokenizer_quality(root, tokenizer, images, codes, labels)
   log(f'image tokenizer {tokenizer.name}: {quality}; skipped {counts}')
   source = {'sources': per_source, 'items': len(kept), 'skipped': counts, 'tokenizer_quality': quality,
             'settings': pairs.settings_of(cfg, text_tokenizer.sha256),
