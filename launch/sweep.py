@@ -29,6 +29,7 @@ import steps as steps_lib
 import tpu as tpu_lib
 
 sys.path.insert(0, os.path.join(steps_lib.REPO, 'src'))
+from tmdm import storage  # pylint: disable=wrong-import-position
 from tmdm.scaling import sweeps  # pylint: disable=wrong-import-position
 
 MANIFEST = 'manifest.json'
@@ -42,11 +43,10 @@ class Manifest:
   """ROOT/manifest.json: per run its overrides, command and outcome; rewritten after every change."""
 
   def __init__(self, root, config=None, backend=None):
-    self.path = os.path.join(root, MANIFEST)
-    self.data = {'config': config, 'root': os.path.abspath(root), 'runs': {}}
-    if os.path.isfile(self.path):
-      with open(self.path, encoding='utf-8') as f:
-        self.data = json.load(f)
+    self.path = storage.join(root, MANIFEST)  # ROOT may be a folder or a URL (gs://bucket/sweep).
+    self.data = {'config': config, 'root': storage.absolute(root), 'runs': {}}
+    if storage.isfile(self.path):
+      self.data = json.loads(storage.read_text(self.path))
     if config:  # A new sweep (or the same one again) on this root.
       self.data.update(config=config, backend=backend)
 
@@ -58,12 +58,17 @@ class Manifest:
     self.save()
 
   def save(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    storage.makedirs(storage.parent(self.path))
     self.data['updated'] = _now()
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(self.data, f, indent=1)
-    os.replace(tmp, self.path)  # Never a half-written manifest, even when killed.
+    storage.write_text(self.path, json.dumps(self.data, indent=1))  # Written whole: never half a manifest.
+
+
+def _log_path(workdir) -> str:
+  """Where a run's output goes while it runs: WORKDIR/train.log, or for a URL workdir a local file
+  (uploaded to WORKDIR/train.log when the run ends; a pipe into an object store cannot be appended)."""
+  if not storage.is_url(workdir):
+    return os.path.join(workdir, 'train.log')
+  return os.path.join('sweep_logs', *str(workdir).split('://', 1)[1].split('/'), 'train.log')
 
 
 def _train_argv(args, run, workdir, overrides, tmdm):
@@ -89,16 +94,16 @@ def run_local(args, overrides) -> int:
   todo = [r for r in runs if args.force or manifest is None or manifest.status(r.name) != 'ok']
   jobs = []
   for r in todo:
-    workdir = os.path.join(args.root, r.name)
+    workdir = storage.join(args.root, r.name)
     jobs.append((r, workdir, _train_argv(args, r, workdir, overrides, args.tmdm)))
   if args.dry_run:
     print(f'# {len(jobs)} runs, {args.parallel} at a time')
     for _, workdir, argv in jobs:
-      log = os.path.join(workdir, 'train.log')
-      print(f'mkdir -p {shlex.quote(workdir)} && {shlex.join(argv)} > {shlex.quote(log)} 2>&1')
+      log = _log_path(workdir)
+      print(f'mkdir -p {shlex.quote(os.path.dirname(log))} && {shlex.join(argv)} > {shlex.quote(log)} 2>&1')
     return 0
   for r, workdir, argv in jobs:
-    manifest.update(r.name, overrides=r.overrides, workdir=os.path.abspath(workdir), command=shlex.join(argv),
+    manifest.update(r.name, overrides=r.overrides, workdir=storage.absolute(workdir), command=shlex.join(argv),
                     status='pending')
   failed = _schedule(jobs, manifest, args.parallel)
   collect(args.root, manifest)
@@ -112,17 +117,19 @@ def _schedule(jobs, manifest, parallel) -> int:
     while pending or running:
       while pending and len(running) < parallel:
         r, workdir, argv = pending.pop(0)
-        os.makedirs(workdir, exist_ok=True)
-        log = open(os.path.join(workdir, 'train.log'), 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+        os.makedirs(os.path.dirname(os.path.abspath(_log_path(workdir))), exist_ok=True)
+        log = open(_log_path(workdir), 'w', encoding='utf-8')  # pylint: disable=consider-using-with
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
-        running[r.name] = (proc, time.time(), log)
+        running[r.name] = (proc, time.time(), log, workdir)
         manifest.update(r.name, status='running', started=_now(), log=log.name)
         print(f'started {r.name}', flush=True)
-      for name, (proc, start, log) in list(running.items()):
+      for name, (proc, start, log, workdir) in list(running.items()):
         rc = proc.poll()
         if rc is None:
           continue
         log.close()
+        if storage.is_url(workdir):
+          storage.write_bytes(storage.join(workdir, 'train.log'), open(log.name, 'rb').read())
         del running[name]
         failed += rc != 0
         took = time.time() - start
@@ -131,7 +138,7 @@ def _schedule(jobs, manifest, parallel) -> int:
         print(f'{"finished" if rc == 0 else "FAILED"} {name} in {took:.0f}s (exit {rc})', flush=True)
       time.sleep(0.5)
   except KeyboardInterrupt:
-    for name, (proc, start, log) in running.items():
+    for name, (proc, start, log, _) in running.items():
       proc.terminate()
       proc.wait()
       log.close()
@@ -143,14 +150,14 @@ def _schedule(jobs, manifest, parallel) -> int:
 def collect(root, manifest=None, out='') -> str:
   """RESULTS of every finished run under ROOT (the manifest's runs, else every subfolder)."""
   names = sorted(manifest.data['runs']) if manifest else sorted(
-      d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+      d for d in storage.listdir(root) if storage.isdir(storage.join(root, d)))
   rows, missing = [], []
   for name in names:
-    got = sweeps.run_results(os.path.join(root, name), name)
+    got = sweeps.run_results(storage.join(root, name), name)
     rows += got
     if not got:
       missing.append(name)
-  path = sweeps.write_results(out or os.path.join(root, 'results.jsonl'), rows)
+  path = sweeps.write_results(out or storage.join(root, 'results.jsonl'), rows)
   print(f'wrote {len(rows)} rows to {path}' + (f'; unfinished: {", ".join(missing)}' if missing else ''))
   for r in rows:
     print(f'  {r["name"]:<20} {r["modality"]:<6} N={r["params"]:<10,d} D={r["tokens"]:<12,d} '
@@ -200,7 +207,7 @@ def submit_tpu(args, overrides) -> int:
   if args.dry_run:
     steps_lib.print_steps([s for _, _, s in plan])
     return 0
-  manifest = Manifest(args.root if not args.root.startswith('gs://') else args.manifest_dir, args.config, 'tpu')
+  manifest = Manifest(args.root, args.config, 'tpu')  # ROOT/manifest.json, on gs:// too.
   for tpu, mine, step in plan:
     for r in mine:
       manifest.update(r.name, overrides=r.overrides, workdir=f'{args.root}/{r.name}', status='submitted', tpu=tpu,
@@ -241,7 +248,6 @@ def parser():
   tpu.add_argument('--zone', required=True)
   tpu.add_argument('--project', default='')
   tpu.add_argument('--repo_dir', default='tmdm', help='checkout on the hosts (set up by launch/tpu.py --setup)')
-  tpu.add_argument('--manifest_dir', default='runs/tpu_sweep', help='local manifest folder when --root is gs://')
 
   results = sub.add_parser('results', help='write RESULTS (JSONL) from the finished runs under ROOT')
   results.add_argument('--root', required=True)
@@ -254,8 +260,7 @@ def main(argv=None):
   if args.mode == 'results':
     if rest:
       raise SystemExit(f'unexpected arguments: {" ".join(rest)}')
-    path = os.path.join(args.root, MANIFEST)
-    manifest = Manifest(args.root) if os.path.isfile(path) else None
+    manifest = Manifest(args.root) if storage.isfile(storage.join(args.root, MANIFEST)) else None
     collect(args.root, manifest, args.out)
     return 0
   overrides = steps_lib.overrides_of(rest)

@@ -207,3 +207,24 @@ def test_beam_prepare_reads_and_writes_the_bucket(gcs, tmp_path):
   for split in ('train', 'val'):
     a, b = store.ShardedRecords(local, split), store.ShardedRecords(remote, split)
     assert len(a) == len(b) and all(np.array_equal(a[i]['text'], b[i]['text']) for i in range(len(a)))
+
+
+def test_sweep_results_from_a_bucket(gcs):
+  """`launch/sweep.py results --root=gs://...`: the runs' configs and metric parts read from the bucket,
+  results.jsonl written there."""
+  sys.path.insert(0, os.path.join(REPO, 'launch'))
+  import sweep  # pylint: disable=import-outside-toplevel,import-error
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  root = f'{gcs}/sweep'
+  for name, steps in (('a', 10), ('b', 20)):
+    cfg = base_config.get_config()
+    cfg.train.num_steps = steps
+    storage.write_text(f'{root}/{name}/config.json', json.dumps(cfg.to_dict()))
+    w = metrics.MetricWriter(f'{root}/{name}', tensorboard=False)
+    w.write(steps, {'loss/text': 4.0})
+    w.write(steps, {'eval/loss/text': 3.0 - steps / 100})
+    w.close()
+  assert sweep.main(['results', f'--root={root}']) == 0
+  rows = [json.loads(line) for line in storage.read_text(f'{root}/results.jsonl').splitlines()]
+  assert [(r['name'], r['loss'], r['source']) for r in rows] == [('a', 2.9, 'eval'), ('b', 2.8, 'eval')]
+  assert rows[0]['workdir'] == f'{root}/a'

@@ -24,9 +24,10 @@ import re
 
 import ml_collections
 
-from tmdm import errors, vocab as vocab_lib
+from tmdm import errors, storage, vocab as vocab_lib
 from tmdm.config import loader as config_loader
 from tmdm.model import config as model_config
+from tmdm.training import metrics
 
 _NAME_OK = re.compile(r'^[A-Za-z0-9_.=+-]+$')
 
@@ -105,25 +106,16 @@ def check_configs(config_spec: str, runs, num_devices=None):
       raise errors.ConfigError(f'sweep run {r.name}: {e}') from None
 
 
-def _read_jsonl(path):
-  rows = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:  # A line cut short by a kill.
-        continue
-  return rows
-
-
 def run_results(workdir: str, name: str = '') -> list:
   """RESULTS rows of one finished run ([] when it did not reach train.num_steps)."""
-  cfg_path, metrics_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, 'metrics.jsonl')
-  if not (os.path.isfile(cfg_path) and os.path.isfile(metrics_path)):
+  cfg_path = storage.join(workdir, 'config.json')  # A folder or a URL (gs://bucket/sweep/run).
+  if not storage.isfile(cfg_path):
     return []
-  with open(cfg_path, encoding='utf-8') as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  rows = _read_jsonl(metrics_path)
+  cfg = ml_collections.ConfigDict(json.loads(storage.read_text(cfg_path)))
+  try:
+    rows = metrics.read_metrics(workdir)
+  except FileNotFoundError:
+    return []
   steps = cfg.train.num_steps
   if not rows or max(r.get('step', 0) for r in rows) < steps:
     return []
@@ -134,9 +126,9 @@ def run_results(workdir: str, name: str = '') -> list:
   for modality in vocab_lib.MODALITIES:
     loss, source = _final(rows, steps, modality)
     if loss is not None:
-      out.append(dict(name=name or os.path.basename(os.path.normpath(workdir)), modality=modality, loss=loss,
+      out.append(dict(name=name or str(workdir).rstrip('/').rsplit('/', 1)[-1], modality=modality, loss=loss,
                       params=params, tokens=tokens, flops=6.0 * params * tokens, steps=steps, source=source,
-                      workdir=os.path.abspath(workdir)))
+                      workdir=storage.absolute(workdir)))
   return out
 
 
@@ -151,8 +143,6 @@ def _final(rows, steps, modality):
 
 
 def write_results(path: str, rows) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
-    for r in rows:
-      f.write(json.dumps(r) + '\n')
+  storage.makedirs(storage.parent(storage.absolute(path)))
+  storage.write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
   return path

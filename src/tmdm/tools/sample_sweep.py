@@ -24,7 +24,7 @@ import json
 import logging
 import os
 
-from tmdm import errors
+from tmdm import errors, storage
 from tmdm.diffusion import sampling
 from tmdm.evaluation import evaluators as evaluate
 from tmdm.generation import generate, tasks as tasks_lib
@@ -131,20 +131,16 @@ def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str
   JSON file `path` (other tasks in it are kept); returns the line that puts them into an experiment
   file. Nothing reads the file by itself: measured settings become part of an experiment by review."""
   data = {'tasks': {}}
-  if os.path.isfile(path):
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+  if storage.isfile(path):
+    data = json.loads(storage.read_text(path))
   keys = {'sampler': chosen['sampler'], 'schedule': chosen['schedule'], 'threshold': float(chosen['threshold']),
           'steps': int(chosen['steps']), 'temperature': float(chosen['temperature']),
           'guidance': float(chosen['guidance'])}
   data.setdefault('tasks', {})[task] = {'chosen': keys, 'metric': {metric: chosen['metric']}, 'command': command,
                                         'date': datetime.date.today().isoformat()}
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write('\n')
+  storage.write_text(path, json.dumps(data, indent=2, sort_keys=True) + '\n')
   section = 'c.sample' if task == 'text' else f'c.sample.{task}'
   return f'{section}.update({", ".join(f"{k}={v!r}" for k, v in keys.items())})'
-
 
 
 def sweep_command(workdir, task, *, rules, steps, temperatures, guidance, out_dir=None, record_path='',
@@ -153,10 +149,11 @@ def sweep_command(workdir, task, *, rules, steps, temperatures, guidance, out_di
   rows, chosen, metric, higher = run_sweep(ctx, task, rules=[r.strip() for r in rules.split(',') if r.strip()],
                                            steps=[int(x) for x in _floats(steps)], temperatures=_floats(temperatures),
                                            guidance=_floats(guidance), tolerance=tolerance)
-  out_dir = out_dir or os.path.join(workdir, 'sample_sweep', task)
-  os.makedirs(out_dir, exist_ok=True)
-  table = _write_table(out_dir, rows, metric, higher)
-  _plot(os.path.join(out_dir, 'sweep.png'), rows, metric, task)
+  out_dir = out_dir or storage.join(workdir, 'sample_sweep', task)
+  with storage.staged(out_dir) as local:  # A URL workdir: written here, then uploaded.
+    os.makedirs(local, exist_ok=True)
+    table = _write_table(local, rows, metric, higher)
+    _plot(os.path.join(local, 'sweep.png'), rows, metric, task)
   print(table)
   summary = {k: chosen[k] for k in ('rule', 'steps', 'temperature', 'guidance', 'metric')}
   print(f'chosen for {task}: {json.dumps(summary)}'
