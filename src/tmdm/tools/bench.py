@@ -194,7 +194,7 @@ def checkpoint_cost(cfg, saves=5, steps_between=5, workdir=None) -> dict:
       jax.block_until_ready(m)
       step_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    ckpt.save(i + 1, state, {}, 1, {}, {'mesh': s.mesh_shape.as_tuple()})
+    ckpt.save(i + 1, state, {'0': {}}, 1, {}, {'mesh': s.mesh_shape.as_tuple()})  # One data shard, no iterator.
     blocked.append(time.perf_counter() - t0)
   ckpt.wait()
   target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
