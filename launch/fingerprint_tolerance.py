@@ -7,6 +7,10 @@ SwiGLU up-projection, 24 x 3072 x 8192 = 604M floats, initialized like the model
 CPU meshes, and prints it against the tolerance.
 
   python launch/fingerprint_tolerance.py [--shape=24,3072,8192]
+  python launch/fingerprint_tolerance.py --topology=v5e:16x16 [--config=experiments/sizes.py:3b]
+
+With --topology (libtpu: the `tpu` extra) it compiles the fingerprint of the config's whole train
+state for that TPU slice instead and prints the TPU compiler's memory per chip.
 """
 
 import argparse
@@ -29,7 +33,12 @@ def main(argv):
   p = argparse.ArgumentParser()
   p.add_argument('--shape', default='24,3072,8192', help='the leaf (default: 3B stacked w_up)')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--topology', default='', help='compile for these TPU chips instead (e.g. v5e:16x16)')
+  p.add_argument('--config', default='experiments/sizes.py:3b', help='with --topology: the run whose state')
+  p.add_argument('--mesh', default='1,256,1', help='with --topology: data,fsdp,tensor')
   args = p.parse_args(argv)
+  if args.topology:
+    return _on_tpu(args)
   shape = tuple(int(x) for x in args.shape.split(','))
   host = (np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32) * 0.02 / np.sqrt(shape[1] / 256))
   scale = float(np.abs(host, dtype=np.float64).sum() if host.size < 2**28 else
@@ -50,6 +59,22 @@ def main(argv):
     ok = checkpoint._fingerprint_matches(base[None], s[None], same_mesh=False)  # pylint: disable=protected-access
     print(f'{"x".join(map(str, mesh_shape)):>10} {s[0]:16.8g} {s[1]:16.8g} {d[0]:10.3g} {d[1]:10.3g} '
           f'{rel.max():9.2g} {d.max() / scale:11.3g} {str(ok):>7}')
+
+
+def _on_tpu(args):
+  from tmdm.config import loader  # pylint: disable=import-outside-toplevel
+  from tmdm.tools import compile_check  # pylint: disable=import-outside-toplevel
+  from tmdm.training import state as train_state  # pylint: disable=import-outside-toplevel
+  data, fsdp, tensor = (int(x) for x in args.mesh.split(','))
+  cfg = loader.load(args.config, [f'--config.mesh.data={data}', f'--config.mesh.fsdp={fsdp}',
+                                  f'--config.mesh.tensor={tensor}'])
+  s = compile_check.setup_for(cfg, compile_check.topology_devices(args.topology))
+  abstract = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
+  m = jax.jit(checkpoint.fingerprint).lower(abstract).compile().memory_analysis()
+  gib = lambda n: n / 2**30
+  print(f'fingerprint of {args.config} on {args.topology} mesh {args.mesh}: arguments '
+        f'{gib(m.argument_size_in_bytes):.3f} GiB, temporaries {gib(m.temp_size_in_bytes) * 1024:.1f} MiB, '
+        f'output {m.output_size_in_bytes} B per chip')
 
 
 if __name__ == '__main__':
