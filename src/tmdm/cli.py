@@ -123,6 +123,13 @@ def scaling(args, overrides):
   return report.command(args)
 
 
+def study(args, overrides):
+  from tmdm.scaling import study as study_lib  # pylint: disable=import-outside-toplevel
+  if overrides:
+    raise errors.ConfigError('tmdm study takes no --config overrides')
+  return study_lib.command(args)
+
+
 # The arguments of each subcommand.
 
 def _config_arg(p, required=True):
@@ -244,6 +251,17 @@ def _scaling_args(p):
   plan.add_argument('--tokens_per_step', type=int, default=0, help='batch x seq_len, to print the step count')
 
 
+def _study_args(p):
+  sub = p.add_subparsers(dest='study_command', required=True)
+  rep = sub.add_parser('report', help="a finished sweep's runs as a table (seeds grouped) and a figure")
+  rep.add_argument('root', help='the sweep folder (launch/sweep.py --root): ROOT/NAME per run, a folder or gs:// URL')
+  rep.add_argument('--out', default='', help='folder for results.json, table.md, study.png (default ROOT/report)')
+  rep.add_argument('--metrics', default='', help='comma list of final metrics (default: per-modality ELBOs and '
+                                                 'the generation scores the runs logged)')
+  rep.add_argument('--baseline', default='', help='setting the paired differences are taken to (default: first)')
+  rep.add_argument('--title', default='', help='figure and table title (default: the folder name)')
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   help: str
@@ -264,6 +282,7 @@ COMMANDS = {
     'compile-check': Command('compile the train step for a mesh without allocating it; print memory and FLOPs',
                              _compile_check_args, compile_check),
     'scaling': Command('fit scaling laws to sweep results; plan a compute-optimal run', _scaling_args, scaling),
+    'study': Command('report a design-space study: a sweep as a table over seeds and a figure', _study_args, study),
 }
 
 
