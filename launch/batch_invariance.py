@@ -3,7 +3,8 @@ data, trains every (arm, batch, seed) run, evaluates every run's checkpoints on 
 rows with the same masks (a paired comparison), measures the gradient noise scale of the base run,
 writes docs/figures/batch_invariance.png and prints the spread of the final exp(ELBO).
 
-  python launch/batch_invariance.py [--data=markov[,fortunes]] [--seeds=0,1] [--reuse]
+  python launch/batch_invariance.py [--data=markov[,fortunes]] [--seeds=0,1] [--batches=8,16,32,64] [--reuse]
+                                    [--figure=PNG] [--summary=JSON]
 
 exp(ELBO) is the per-token ELBO bound exponentiated (a perplexity bound). Spread of an arm: the
 largest minus the smallest final exp(ELBO) across its physical batches (and max/min - 1), of the
@@ -182,16 +183,17 @@ def _mean_curve(results, keys):
   return curves[0, :, 0], curves[:, :, 1].mean(0), curves[:, :, 1].min(0), curves[:, :, 1].max(0)
 
 
-def _plot(results, exp, datasets, seeds, path):
+def _plot(results, noise, exp, datasets, seeds, batches, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 4.6 * len(datasets)), sharex=True, squeeze=False)
-  colors = plt.cm.viridis(np.linspace(0, 0.9, len(exp.BATCHES)))
+  fig, axes = plt.subplots(len(datasets), 3, figsize=(18, 4.6 * len(datasets)), squeeze=False)
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(batches)))
   for row, data in zip(axes, datasets):
+    _plot_finals(row[2], results, noise[data], exp, data, seeds, batches)
     for ax, arm in zip(row, exp.ARMS):
       finals = []
-      for color, b in zip(colors, exp.BATCHES):
+      for color, b in zip(colors, batches):
         tokens, mean, lo, hi = _mean_curve(results, [(data, arm, b, sd) for sd in seeds])
         finals.append(mean[-1])
         ax.fill_between(tokens / 1e6, lo, hi, color=color, alpha=0.15, lw=0)
@@ -204,7 +206,7 @@ def _plot(results, exp, datasets, seeds, path):
       ax.grid(True, which='both', alpha=0.3)
       ax.legend(fontsize=8, title='physical batch (sequences)', title_fontsize=8)
     row[0].set_ylabel('validation exp(ELBO per token)')
-  for ax in axes[-1]:
+  for ax in axes[-1][:2]:
     ax.set_xlabel('training tokens (millions)')
   fig.suptitle(f'Same model and token horizon D = {exp.HORIZON}, k = B / {exp.BASE_BATCH}; lines: mean over seeds '
                f'{",".join(map(str, seeds))}, bands: min-max; paired validation (same rows and masks)', fontsize=9)
@@ -213,7 +215,28 @@ def _plot(results, exp, datasets, seeds, path):
   fig.savefig(path, dpi=110)
 
 
-def _report(results, noise, exp, datasets, seeds) -> dict:
+def _plot_finals(ax, results, noise, exp, data, seeds, batches):
+  """Final exp(ELBO) against the physical batch per arm (seeds as points, mean as a line), with
+  B_crit = D / (L S_crit) and the measured gradient noise scale as vertical lines."""
+  for arm, color in zip(exp.ARMS, ('tab:orange', 'tab:blue')):
+    vals = np.array([[results[(data, arm, b, sd)]['val'][-1, 1] for sd in seeds] for b in batches])
+    ax.plot(batches, vals.mean(1), 'o-', color=color, label=f'{arm} (mean of {len(seeds)} seeds)')
+    for j in range(len(seeds)):
+      ax.scatter(batches, vals[:, j], color=color, s=10, alpha=0.5)
+  b_crit = exp.HORIZON / (exp.SEQ_LEN * exp.S_CRIT)
+  ax.axvline(b_crit, color='k', ls='--', lw=1, label=f'B_crit = D / (L S_crit) = {b_crit:.0f}')
+  for (tokens, b_simple), ls in zip(noise, (':', '-.', '-')):
+    ax.axvline(b_simple, color='gray', ls=ls, lw=1, label=f'B_simple at {tokens / exp.HORIZON:.2g} D = {b_simple:.0f}')
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log')
+  ax.set_xlabel('physical batch B (sequences)')
+  ax.set_ylabel('final validation exp(ELBO)')
+  ax.set_title(f'{data}: final value at equal tokens D = {exp.HORIZON}', fontsize=9)
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def _report(results, noise, exp, datasets, seeds, batches) -> dict:
   """Prints the table and returns its numbers: final paired exp(ELBO) per run, seed means, spreads."""
   out = {}
   print(f'\nfinal validation exp(ELBO) at D = {exp.HORIZON} tokens (paired: {exp.EVAL_ROWS} rows, the same masks '
@@ -223,7 +246,7 @@ def _report(results, noise, exp, datasets, seeds) -> dict:
   for data in datasets:
     for arm in exp.ARMS:
       means, seed_rel = {}, []
-      for b in exp.BATCHES:
+      for b in batches:
         vals = [float(results[(data, arm, b, sd)]['val'][-1, 1]) for sd in seeds]
         means[b] = float(np.mean(vals))
         seed_rel.append(_spread(vals)[1])
@@ -236,7 +259,7 @@ def _report(results, noise, exp, datasets, seeds) -> dict:
       out[f'{data}-{arm}'] = {'seed_mean': means, 'spread_abs': spread, 'spread_rel': rel,
                               'seed_rel_mean': float(np.mean(seed_rel)),
                               'runs': {f'{b}-s{sd}': float(results[(data, arm, b, sd)]['val'][-1, 1])
-                                       for b in exp.BATCHES for sd in seeds}}
+                                       for b in batches for sd in seeds}}
     print(f'{data:9}gradient noise scale B_simple (seed-0 base run): ' +
           ', '.join(f'{b:.0f} seqs at {t / exp.HORIZON:.3g} D' for t, b in noise[data]))
   return out
@@ -249,7 +272,10 @@ def main(argv=None):
   parser.add_argument('--out', default=os.path.join(REPO, 'runs', 'batch_invariance'), help='run folders')
   parser.add_argument('--reuse', action='store_true', help='keep finished runs instead of retraining them')
   parser.add_argument('--eval_seeds', type=int, default=8, help='corruption keys of the paired evaluation')
+  parser.add_argument('--batches', default='', help='comma list of physical batches (default: the experiment\'s '
+                                                     'BATCHES; its BEYOND go past B_crit)')
   parser.add_argument('--figure', default=FIGURE)
+  parser.add_argument('--summary', default='', help='summary JSON (default: OUT/summary.json)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
   for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
@@ -259,6 +285,9 @@ def main(argv=None):
   exp = _experiment()
   datasets = [d for d in args.data.split(',') if d]
   seeds = [int(x) for x in args.seeds.split(',') if x]
+  batches = [int(x) for x in args.batches.split(',') if x] or list(exp.BATCHES)
+  if exp.BASE_BATCH not in batches or any(f'markov-fixed-{b}' not in exp.PRESETS for b in batches):
+    raise SystemExit(f'--batches must include {exp.BASE_BATCH} and come from {exp.BATCHES + exp.BEYOND}')
 
   t0 = time.perf_counter()
   results, noise, seconds = {}, {}, []
@@ -270,7 +299,7 @@ def main(argv=None):
     workdirs = {}
     for sd in seeds:
       for arm in exp.ARMS:
-        for b in exp.BATCHES:
+        for b in batches:
           key = (data, arm, b, sd)
           if arm == 'scaled' and b == exp.BASE_BATCH:  # kappa = 1: the very same run as 'fixed' (bitwise)
             results[key] = results[(data, 'fixed', b, sd)]
@@ -283,16 +312,18 @@ def main(argv=None):
     for key, curve in _paired_eval(base, workdirs, args.eval_seeds, exp.EVAL_ROWS).items():
       results[key]['val'] = curve
     noise[data] = _noise_scale(base, workdirs[(data, 'fixed', exp.BASE_BATCH, seeds[0])][0])
-  _plot(results, exp, datasets, seeds, args.figure)
-  summary = {'horizon_tokens': exp.HORIZON, 'base_batch': exp.BASE_BATCH, 'batches': list(exp.BATCHES),
-             'seeds': seeds, 'figure': os.path.relpath(args.figure, REPO),
-             'arms': _report(results, noise, exp, datasets, seeds),
+  _plot(results, noise, exp, datasets, seeds, batches, args.figure)
+  summary = {'horizon_tokens': exp.HORIZON, 'base_batch': exp.BASE_BATCH, 'batches': batches,
+             'b_crit': exp.HORIZON / (exp.SEQ_LEN * exp.S_CRIT), 'seeds': seeds,
+             'figure': os.path.relpath(os.path.abspath(args.figure), REPO),
+             'arms': _report(results, noise, exp, datasets, seeds, batches),
              'noise_scale_seqs': {d: [(int(t), float(b)) for t, b in v] for d, v in noise.items()},
              'train_s': seconds, 'wall_s': time.perf_counter() - t0}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+  summary_path = args.summary or os.path.join(args.out, 'summary.json')
+  os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+  with open(summary_path, 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
-  print(f'figure: {summary["figure"]}; summary: {os.path.join(args.out, "summary.json")}; wall '
+  print(f'figure: {summary["figure"]}; summary: {summary_path}; wall '
         f'{summary["wall_s"]:.0f} s ({len(seconds)} runs trained, {sum(seconds):.0f} s)')
   return 0
 

@@ -3,7 +3,9 @@
 #   bash launch/gpu_bench.sh PATH/TO/plain_step.py [PRESETS]
 # Prints one JSON line per run and a table of tokens/s ratios (tmdm / yardstick). Settings tried for
 # tmdm (model shape and sequence length stay the yardstick's): batch 16 with 'dots' remat, the same
-# with the chunked cross-entropy (model.loss_chunk=512), and the same with GPU_FLAGS below.
+# with the chunked cross-entropy (model.loss_chunk=512), and the same with GPU_FLAGS below; then rows of 4
+# packed documents (segment-masked attention) with cuDNN and a dense [B, L, L] mask (what 'auto' picks in
+# bf16) against Pallas' Triton flash kernel with segment ids (model.attention_impl=flash, no mask).
 # Not yet run on a GPU (no device was lent to the task that wrote it): see BUILD_NOTES, issue 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,8 @@ for P in $PRESETS; do
   run b16-dots --batch 16 --remat dots
   run b16-dots-ce512 --batch 16 --remat dots --config.model.loss_chunk=512
   XLA_FLAGS="$GPU_FLAGS" run b16-dots-ce512-flags --batch 16 --remat dots --config.model.loss_chunk=512
+  run seg4-cudnn-mask --batch 16 --remat dots --config.model.loss_chunk=512 --segments 4 --config.model.attention_impl=cudnn
+  run seg4-flash --batch 16 --remat dots --config.model.loss_chunk=512 --segments 4 --config.model.attention_impl=flash
 done
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys

@@ -162,7 +162,8 @@ def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
     spec_, knobs = settings(ctx, 't2i')
     acc = 0.5 if knobs.guidance > 0 else 0.2
     fd = 40.0 if spec_.sampler == 'ancestral' else 90.0
-    return {'t2i/digit_acc': acc, 't2i/fd': fd - knobs.guidance, 't2i/forward_passes': 10 if fd < 50 else 5}
+    return {'t2i/digit_acc': acc, 't2i/fd': fd - knobs.guidance, 't2i/forward_passes': 10 if fd < 50 else 5,
+            't2i/diversity': 1.3}  # above 1 counts as 1: the score is the accuracy
 
   monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
   ctx = types.SimpleNamespace(cfg=base_config.get_config())
@@ -170,3 +171,33 @@ def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
                                                         steps=[8], temperatures=[1.0], guidance=[0.0, 2.0, 4.0])
   assert len(rows) == 6 and metric == 't2i/digit_acc' and higher
   assert (chosen['sampler'], chosen['guidance'], chosen['metric']) == ('ancestral', 4.0, 0.5)
+
+
+def test_sweep_weighs_diversity_with_accuracy(monkeypatch):
+  """A setting that draws one image per digit (high accuracy, diversity 0.2) loses to a less accurate
+  but varied one: score = accuracy x min(1, diversity)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  from tmdm.evaluation import evaluators as evaluate
+  from tmdm.tools import sample_sweep
+  table = {(0.5, 4.0): (0.70, 0.20), (0.5, 0.0): (0.30, 0.95), (1.0, 4.0): (0.55, 0.80), (1.0, 0.0): (0.25, 1.10)}
+
+  def fake_t2i(ctx, settings):
+    _, knobs = settings(ctx, 't2i')
+    acc, div = table[(knobs.temperature, knobs.guidance)]
+    return {'t2i/digit_acc': acc, 't2i/fd': 50.0, 't2i/diversity': div, 't2i/forward_passes': 8}
+
+  monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
+  ctx = types.SimpleNamespace(cfg=base_config.get_config())
+  rows, chosen, _, _ = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine'], steps=[8],
+                                              temperatures=[0.5, 1.0], guidance=[0.0, 4.0])
+  assert (chosen['temperature'], chosen['guidance']) == (1.0, 4.0)  # 0.55 x 0.8 = 0.44 beats 0.70 x 0.2 = 0.14
+  assert sorted(round(r['score'], 6) for r in rows) == [0.14, 0.25, 0.285, 0.44]
+
+
+def test_class_spread():
+  from tmdm.evaluation import measures as em  # pylint: disable=import-outside-toplevel
+  x = np.array([[0, 0], [3, 4], [0, 0], [1, 0], [0, 1], [7, 7]], float)
+  labels = [0, 0, 1, 1, 1, 2]  # class 2 has one item: no pairs, left out
+  assert em.class_spread(x, labels) == pytest.approx((5.0 + (2 + np.sqrt(2)) / 3) / 2)
+  assert em.class_spread(np.ones((4, 3)), [0, 0, 1, 1]) == 0.0

@@ -23,7 +23,8 @@ from tmdm.parallel import mesh as mesh_lib
 # trained). Sections outside STATE_SECTIONS (train.microbatches, mesh.*, data.*, ...) are not compared.
 EXECUTION_ONLY = frozenset({'model.remat', 'model.loss_chunk', 'model.attention_impl', 'model.splash_block_q',
                             'model.splash_block_kv', 'model.splash_block_q_bwd', 'model.splash_block_kv_bwd',
-                            'model.splash_fused_bwd'})
+                            'model.splash_fused_bwd', 'model.flash_block_q', 'model.flash_block_k',
+                            'model.flash_block_bwd'})
 STATE_SECTIONS = ('model', 'vocab', 'optim')  # The sections that shape the train state.
 
 
@@ -57,6 +58,9 @@ def validate(cfg, num_devices=None, process_count=1):
   _need(m.remat in transformer.REMAT_CHOICES, f'model.remat must be one of {transformer.REMAT_CHOICES}, got {m.remat!r}')
   for k in ('splash_block_q', 'splash_block_kv', 'splash_block_q_bwd', 'splash_block_kv_bwd'):
     _need(m[k] > 0 and m[k] % 128 == 0, f'model.{k} must be a positive multiple of 128 (TPU lanes), got {m[k]}')
+  for k in ('flash_block_q', 'flash_block_k', 'flash_block_bwd'):
+    _need(m[k] >= 16 and m[k] & (m[k] - 1) == 0, f'model.{k} must be a power of 2 of at least 16 (Triton tiles), '
+                                                 f'got {m[k]}')
   for k in ('d_model', 'n_layers', 'n_heads', 'd_head', 'd_ff', 'base_width', 'base_depth'):
     _need(m[k] > 0, f'model.{k} must be positive, got {m[k]}')
   _need(m.d_head % 2 == 0, f'model.d_head must be even for rotary embeddings, got {m.d_head}')

@@ -68,7 +68,7 @@ def _t2i_references(ctx, n: int):
     real_images = np.stack([image_mod.digit_to_rgb(digits.images[i], ctx.cfg.image.size) for i in pick]) / 255
     recon_x = em.digit_features(tok.decode(tok.encode(real_images.astype(np.float32))))
     noise_x = em.digit_features(tok.decode(rng.integers(0, tok.codebook_size, (n, tok.tokens_per_item))))
-    refs = {'t2i/classifier_acc_real': clf_acc,
+    refs = {'t2i/classifier_acc_real': clf_acc, 't2i/spread_real': em.class_spread(real_f, digits.target),
             't2i/digit_acc_recon': float(np.mean(clf.predict(recon_x) == digits.target[pick])),
             't2i/fd_recon': em.frechet(em.penultimate(clf, recon_x), real_f),
             't2i/fd_random': em.frechet(em.penultimate(clf, noise_x), real_f)}
@@ -86,8 +86,13 @@ def t2i_digits(ctx: generate.Context, settings=None) -> dict:
   samples, info = generate.generate(ctx, 't2i', prompts=prompts, n=1, seed=e.seed,
                                     settings=_settings(ctx, 't2i', settings))
   gen_x = em.digit_features(np.stack([smp.output for smp in samples]))
+  gen_f = em.penultimate(clf, gen_x)
+  # Diversity: the spread among the samples asked for one digit (different prompts and noise), over
+  # the spread among real images of one digit, in the classifier's features: 1 as varied as real
+  # handwriting, near 0 one image per digit however the prompt is worded.
   return {'t2i/digit_acc': float(np.mean(clf.predict(gen_x) == np.asarray(labels))),
-          't2i/fd': em.frechet(em.penultimate(clf, gen_x), real_f), **refs,
+          't2i/fd': em.frechet(gen_f, real_f),
+          't2i/diversity': em.class_spread(gen_f, labels) / refs['t2i/spread_real'], **refs,
           't2i/samples': len(labels), 't2i/seconds': info['seconds'],
           't2i/forward_passes': info['forward_passes']}
 
@@ -206,6 +211,8 @@ PRIMARY = {  # The metric the sampling sweep optimizes per task, and whether hig
 }
 # Breaks exact ties of the primary metric in the sweep (a small evaluation set ties often): metric, higher is better.
 SECONDARY = {'t2i': ('t2i/fd', False), 'i2t': ('i2t/token_acc', True), 's2t': ('s2t/token_acc', True)}
+# Tasks whose sweep weighs diversity with the primary metric (sample_sweep.score): metric in [0, 1+].
+DIVERSITY = {'t2i': 't2i/diversity'}
 TASK_EVALUATOR = {'text': 'text_infill', 't2i': 't2i_digits', 't2s': 't2s', 'i2t': 'i2t', 's2t': 's2t'}
 
 

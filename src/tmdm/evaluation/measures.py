@@ -43,6 +43,20 @@ def penultimate(clf, x_NK) -> np.ndarray:
   return h
 
 
+def class_spread(x_NK, labels_N) -> float:
+  """Mean over classes (with 2 or more items) of the mean pairwise Euclidean distance between the
+  class's feature vectors: how much the items of one class differ from each other."""
+  x, labels = np.asarray(x_NK, np.float64), np.asarray(labels_N)
+  per_class = []
+  for c in np.unique(labels):
+    xc = x[labels == c]
+    if len(xc) < 2:
+      continue
+    d = np.sqrt(np.maximum(((xc[:, None, :] - xc[None, :, :])**2).sum(-1), 0.0))
+    per_class.append(d.sum() / (len(xc) * (len(xc) - 1)))
+  return float(np.mean(per_class)) if per_class else float('nan')
+
+
 def frechet(a_NK, b_NK) -> float:
   """|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussians fitted to two feature sets."""
   from scipy import linalg  # pylint: disable=import-outside-toplevel

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 GROUPS = ('embed', 'hidden', 'norm', 'unembed')
 PARAMETERIZATIONS = ('completep', 'standard')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')  # layers.attention_impl resolves 'auto'.
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'flash')  # layers.attention_impl resolves 'auto'.
 COMPUTE_DTYPES = ('bfloat16', 'float32', 'float16')
 
 
@@ -41,12 +41,17 @@ class ModelConfig:
   rope_theta: float = 10_000.0  # RoPE base frequency.
   norm_eps: float = 1e-6  # RMSNorm epsilon.
   compute_dtype: str = 'bfloat16'  # Activations and matmuls; parameters stay float32.
-  attention_impl: str = 'auto'  # 'auto' (splash on TPU, cuDNN on GPU in 16-bit, XLA elsewhere), 'xla', 'cudnn' or 'splash'.
+  # 'auto' (splash on TPU, cuDNN on GPU in 16-bit, XLA elsewhere), 'xla', 'cudnn', 'splash' (Pallas TPU kernel) or
+  # 'flash' (Pallas' Triton flash kernel for GPU with segment ids: no [B, L, L] mask; layers.flash_attention).
+  attention_impl: str = 'auto'
   splash_block_q: int = 512  # Splash attention: query rows per forward block (multiple of 128; cut to fit the row).
   splash_block_kv: int = 512  # Splash attention: key/value rows per forward block (multiple of 128).
   splash_block_q_bwd: int = 512  # Splash attention: query rows per block of the backward kernels (multiple of 128).
   splash_block_kv_bwd: int = 512  # Splash attention: key/value rows per block of the backward kernels (multiple of 128).
   splash_fused_bwd: bool = False  # Splash attention: one fused backward kernel for dq, dk, dv (else separate dq and dkv).
+  flash_block_q: int = 128  # GPU flash attention: query rows per forward block (power of 2, >= 16; cut to the row).
+  flash_block_k: int = 128  # GPU flash attention: key/value rows per forward block (power of 2, >= 16).
+  flash_block_bwd: int = 32  # GPU flash attention: rows per block of the dq and dkv backward kernels (power of 2).
   remat: str = 'none'  # Rematerialization per block: 'none', 'dots' (save matmul outputs), 'dots_no_batch' (not attention's), 'full'.
   scan_layers: bool = True  # Stack blocks with nn.scan (one compiled block, faster compiles).
   time_conditioning: bool = False  # Feed t to the network (off: it infers the noise level).

@@ -1,4 +1,4 @@
-"""Transformer pieces: RMSNorm, rotary embeddings, segment-aware attention (dense or splash), SwiGLU, one block.
+"""Transformer pieces: RMSNorm, rotary embeddings, segment-aware attention (dense, splash or GPU flash), SwiGLU, one block.
 
 Legend: B rows, L positions, D d_model, H heads, K d_head, F d_ff.
 Parameters are float32 and named with logical axes (sharding.RULES); each weight is gathered over
@@ -131,6 +131,51 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, s
                        out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
 
 
+def _pallas_gpu_attention():
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=import-outside-toplevel
+  return gpu_attention
+
+
+def flash_block_sizes(cfg: ModelConfig, length: int):
+  """(BlockSizes, padded length) of the GPU flash kernel for rows of `length`: each block the
+  configured power of 2 or, for short rows, the smallest power of 2 (>= 16) that holds the row; the
+  row padded to a multiple of the largest block."""
+  fit = max(16, 1 << max(0, (length - 1).bit_length()))
+  q, k, bwd = (min(b, fit) for b in (cfg.flash_block_q, cfg.flash_block_k, cfg.flash_block_bwd))
+  padded = -(-length // max(q, k, bwd)) * max(q, k, bwd)
+  sizes = _pallas_gpu_attention().BlockSizes(block_q=q, block_k=k, block_q_dkv=bwd, block_kv_dkv=bwd,
+                                              block_q_dq=bwd, block_kv_dq=bwd)
+  return sizes, padded
+
+
+def flash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, sharder: sharding_lib.Sharder):
+  """Pallas' flash-attention kernel for GPU (Triton), forward and backward, with segment ids: no
+  [B, H, L, L] mask is built. The same mask as the dense path (positions attend within their segment;
+  padding, segment 0, sees only padding); rows are padded to the kernel's blocks with segment -1 and cut
+  back. Per batch shard under shard_map, heads over 'tensor', as splash; off GPU (CPU tests) the kernel
+  runs in Pallas' interpret mode."""
+  kernel = _pallas_gpu_attention()
+  length = q_BLHK.shape[1]
+  block_sizes, padded = flash_block_sizes(cfg, length)
+  interpret = target_platform(sharder) != 'gpu'
+
+  def local(q, k, v, seg):
+    pad = padded - length
+    if pad:
+      q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+      seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    out = kernel.mha(q, k, v, seg.astype(jnp.int32), sm_scale=cfg.attn_scale, block_sizes=block_sizes,
+                     interpret=interpret)
+    return out[:, :length]
+
+  if sharder.mesh is None:
+    return local(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+  qkv_spec = sharder.spec(('batch', 'length', 'heads', 'kv'))
+  seg_spec = sharder.spec(('batch', 'length'))
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   sharder: sharding_lib.Sharder
@@ -147,8 +192,9 @@ class Attention(nn.Module):
     k = s.constrain(rope(k, positions_BL, c.rope_theta), act_axes)
     v = s.constrain(v, act_axes)
     impl = attention_impl(c, s)
-    if impl == 'splash':
-      out_BLHK = s.constrain(splash_attention(q, k, v, segment_ids_BL, c, s), act_axes)
+    if impl in ('splash', 'flash'):
+      fused = splash_attention if impl == 'splash' else flash_attention
+      out_BLHK = s.constrain(fused(q, k, v, segment_ids_BL, c, s), act_axes)
     else:
       # Bidirectional; packed documents see only themselves (segment 0, the padding, sees only padding).
       mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]

@@ -6,10 +6,17 @@ For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every co
   temperature
   guidance      classifier-free guidance weight w (cross-modal tasks)
 and writes sweep.csv, sweep.md (a table sorted by the task's metric, evaluate.PRIMARY) and sweep.png
-(the metric against steps, one line per rule and temperature, one panel per guidance weight). The
-chosen setting is the best metric; among settings within `tolerance` of it (exact ties by default),
-the best by the task's secondary metric (evaluate.SECONDARY: T2I the Fréchet distance), then the one
-with the fewest forward passes. `--record=FILE.json` writes it (with the metric and the command) into a
+(the metric against steps, one line per rule and temperature, one panel per guidance weight; for T2I a
+second row with the diversity). The chosen setting is the best *score*; among settings within
+`tolerance` of it (exact ties by default), the best by the task's secondary metric (evaluate.SECONDARY:
+T2I the Fréchet distance), then the one with the fewest forward passes.
+
+The score is the task's metric, except for tasks with a diversity measure (evaluate.DIVERSITY: T2I's
+t2i/diversity, the within-digit spread of the samples over that of real digits), where it is
+  score = metric x min(1, diversity)
+so that a setting which draws one image per digit (diversity near 0) cannot win on accuracy alone,
+while diversity above real handwriting's earns nothing (it would reward noise). Accuracy and
+diversity count alike: halving either halves the score. `--record=FILE.json` writes it (with the metric and the command) into a
 file the user names and prints the line that puts it into an experiment file; no config reads it by
 itself, so an experiment gives the same settings until someone changes the experiment.
 
@@ -78,13 +85,26 @@ def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, g
              'metric': got[metric], **{k: v for k, v in got.items() if k != metric}}
       log.info('%s steps=%d T=%g w=%g: %s=%.4f', rule, n_steps, temp, w, metric, got[metric])
       rows.append(row)
-  best = max(r['metric'] if higher else -r['metric'] for r in rows)
-  close = [r for r in rows if (r['metric'] if higher else -r['metric']) >= best - tolerance]
+  for r in rows:
+    r['score'] = score(task, r, higher)
+  best = max(r['score'] for r in rows)
+  close = [r for r in rows if r['score'] >= best - tolerance]
   cost = lambda r: r.get(f'{task}/forward_passes', r['steps'])
   second, second_higher = evaluate.SECONDARY.get(task, (None, True))
   tie = lambda r: 0.0 if second is None else (-r[second] if second_higher else r[second])
-  chosen = min(close, key=lambda r: (tie(r), cost(r), -(r['metric'] if higher else -r['metric'])))
+  chosen = min(close, key=lambda r: (tie(r), cost(r), -r['score']))
   return rows, chosen, metric, higher
+
+
+def score(task, row, higher) -> float:
+  """What the sweep maximizes (module docstring): the metric (negated when lower is better), times
+  min(1, diversity) for tasks with a diversity measure."""
+  value = row['metric'] if higher else -row['metric']
+  if task in evaluate.DIVERSITY:
+    if not higher:
+      raise ValueError(f'{task}: diversity weighting needs a higher-is-better metric')
+    value *= min(1.0, max(0.0, row[evaluate.DIVERSITY[task]]))
+  return value
 
 
 def _write_table(out_dir, rows, metric, higher):
@@ -93,8 +113,9 @@ def _write_table(out_dir, rows, metric, higher):
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-  ordered = sorted(rows, key=lambda r: -r['metric'] if higher else r['metric'])
-  cols = ['rule', 'steps', 'temperature', 'guidance', 'metric'] + [k for k in keys if k.endswith('/seconds')]
+  ordered = sorted(rows, key=lambda r: -r['score'])
+  cols = (['rule', 'steps', 'temperature', 'guidance', 'metric'] + [k for k in keys if k.endswith('/diversity')] +
+          ['score'] + [k for k in keys if k.endswith('/seconds')])
   lines = [f'| {" | ".join(c if c != "metric" else metric for c in cols)} |', '|' + '---|' * len(cols)]
   for r in ordered:
     lines.append('| ' + ' | '.join(f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in cols) + ' |')
@@ -103,24 +124,32 @@ def _write_table(out_dir, rows, metric, higher):
   return '\n'.join(lines)
 
 
-def _plot(path, rows, metric, task):
+def _plot(path, rows, metric, task, chosen=None):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   weights = sorted({r['guidance'] for r in rows})
-  fig, axes = plt.subplots(1, len(weights), figsize=(4.5 * len(weights), 3.6), squeeze=False, sharey=True)
-  for ax, w in zip(axes[0], weights):
-    for (rule, temp), group in itertools.groupby(sorted((r for r in rows if r['guidance'] == w),
-                                                        key=lambda r: (r['rule'], r['temperature'], r['steps'])),
-                                                 key=lambda r: (r['rule'], r['temperature'])):
-      group = list(group)
-      ax.plot([r['steps'] for r in group], [r['metric'] for r in group], marker='o', label=f'{rule} T={temp:g}')
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('steps')
-    ax.set_title(f'{task}, guidance w={w:g}')
-    ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel(metric)
-  axes[0][-1].legend(fontsize=7)
+  shown = [('metric', metric)] + ([(evaluate.DIVERSITY[task], evaluate.DIVERSITY[task])]
+                                  if task in evaluate.DIVERSITY else [])
+  fig, axes = plt.subplots(len(shown), len(weights), figsize=(4.5 * len(weights), 3.6 * len(shown)), squeeze=False,
+                           sharey='row')
+  for row_axes, (key, label) in zip(axes, shown):
+    for ax, w in zip(row_axes, weights):
+      for (rule, temp), group in itertools.groupby(sorted((r for r in rows if r['guidance'] == w),
+                                                          key=lambda r: (r['rule'], r['temperature'], r['steps'])),
+                                                   key=lambda r: (r['rule'], r['temperature'])):
+        group = list(group)
+        ax.plot([r['steps'] for r in group], [r[key] for r in group], marker='o', label=f'{rule} T={temp:g}')
+      if chosen is not None and chosen['guidance'] == w:
+        ax.scatter([chosen['steps']], [chosen[key]], marker='*', s=220, color='red', zorder=5, label='chosen')
+      ax.set_xscale('log', base=2)
+      ax.set_xlabel('steps')
+      ax.set_title(f'{task}, guidance w={w:g}')
+      ax.grid(alpha=0.3)
+    row_axes[0].set_ylabel(label)
+    row_axes[-1].legend(fontsize=7)
+  if task in evaluate.DIVERSITY:
+    fig.suptitle(f'chosen by score = {metric} x min(1, {evaluate.DIVERSITY[task]})', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -136,7 +165,8 @@ def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str
   keys = {'sampler': chosen['sampler'], 'schedule': chosen['schedule'], 'threshold': float(chosen['threshold']),
           'steps': int(chosen['steps']), 'temperature': float(chosen['temperature']),
           'guidance': float(chosen['guidance'])}
-  data.setdefault('tasks', {})[task] = {'chosen': keys, 'metric': {metric: chosen['metric']}, 'command': command,
+  measured = {metric: chosen['metric'], **{k: chosen[k] for k in ('score', evaluate.DIVERSITY.get(task)) if k in chosen}}
+  data.setdefault('tasks', {})[task] = {'chosen': keys, 'metric': measured, 'command': command,
                                         'date': datetime.date.today().isoformat()}
   storage.write_text(path, json.dumps(data, indent=2, sort_keys=True) + '\n')
   section = 'c.sample' if task == 'text' else f'c.sample.{task}'
@@ -153,9 +183,9 @@ def sweep_command(workdir, task, *, rules, steps, temperatures, guidance, out_di
   with storage.staged(out_dir) as local:  # A URL workdir: written here, then uploaded.
     os.makedirs(local, exist_ok=True)
     table = _write_table(local, rows, metric, higher)
-    _plot(os.path.join(local, 'sweep.png'), rows, metric, task)
+    _plot(os.path.join(local, 'sweep.png'), rows, metric, task, chosen)
   print(table)
-  summary = {k: chosen[k] for k in ('rule', 'steps', 'temperature', 'guidance', 'metric')}
+  summary = {k: chosen[k] for k in ('rule', 'steps', 'temperature', 'guidance', 'metric', 'score')}
   print(f'chosen for {task}: {json.dumps(summary)}'
         f' -> {out_dir}/sweep.{{csv,md,png}}')
   if record_path:

@@ -1,4 +1,5 @@
-"""Splash attention (Pallas TPU kernel, interpret mode on CPU) against the dense attention it replaces.
+"""The fused attention kernels against the dense attention they replace, in Pallas' interpret mode on
+CPU: splash (the TPU kernel) and flash (the GPU Triton kernel, `model.attention_impl='flash'`).
 
 Rows hold several packed documents and trailing padding (segment 0), lengths that are not multiples
 of the kernel's 128-row blocks (so the padding to 128 is exercised), and odd head counts. float32:
@@ -66,14 +67,19 @@ def _fwd_and_grads(fn, q, k, v, seg, weights):
   return (out, *grads)
 
 
-@pytest.mark.parametrize('dtype,rtol', [('float32', F32_RTOL), ('bfloat16', BF16_RTOL)])
-def test_splash_matches_dense_forward_and_gradients(dtype, rtol):
-  c = _cfg(heads=3, d_head=16, dtype=dtype)  # 3 heads; 200 positions pad to 256 (two 128-blocks)
+KERNELS = {'splash': layers.splash_attention, 'flash': layers.flash_attention}
+
+
+@pytest.mark.parametrize('impl,dtype,rtol', [('splash', 'float32', F32_RTOL), ('splash', 'bfloat16', BF16_RTOL),
+                                             ('flash', 'float32', F32_RTOL), ('flash', 'bfloat16', BF16_RTOL)])
+def test_fused_matches_dense_forward_and_gradients(impl, dtype, rtol):
+  # 3 heads; 200 positions pad to 256 (splash: two 128-blocks; flash: two 128-blocks forward, 8 x 32 backward)
+  c = _cfg(heads=3, d_head=16, dtype=dtype, flash_block_bwd=32)
   q, k, v, seg = _inputs(3, 200, 3, 16, c.dtype)
   assert len(set(np.asarray(seg[1]).tolist())) >= 2 and (np.asarray(seg) == 0).any()
   weights = jax.random.normal(jax.random.PRNGKey(9), q.shape, jnp.float32)
   no_mesh = sharding.Sharder(None)
-  splash = lambda q, k, v, seg: layers.splash_attention(q, k, v, seg, c, no_mesh)
+  splash = lambda q, k, v, seg: KERNELS[impl](q, k, v, seg, c, no_mesh)
   dense = lambda q, k, v, seg: _dense(q, k, v, seg, c)
   with jax.default_matmul_precision('highest'):
     got = _fwd_and_grads(splash, q, k, v, seg, weights)
@@ -83,7 +89,8 @@ def test_splash_matches_dense_forward_and_gradients(dtype, rtol):
     assert _rel(a, b) < rtol, (name, _rel(a, b))
 
 
-def test_splash_under_shard_map_matches_dense():
+@pytest.mark.parametrize('impl', ['splash', 'flash'])
+def test_fused_under_shard_map_matches_dense(impl):
   """8 CPU devices as data 2 x fsdp 2 x tensor 2: rows over the batch axes, 6 heads over 'tensor'
   (3 per shard), inside jit with the activations' shardings, as the model runs it."""
   c = _cfg(heads=6, d_head=8)
@@ -93,7 +100,7 @@ def test_splash_under_shard_map_matches_dense():
   q, k, v = (jax.device_put(x, qkv_sh) for x in (q, k, v))
   seg = jax.device_put(seg, sharder.batch())
   weights = jax.random.normal(jax.random.PRNGKey(2), q.shape, jnp.float32)
-  splash = lambda q, k, v, seg: layers.splash_attention(q, k, v, seg, c, sharder)
+  splash = lambda q, k, v, seg: KERNELS[impl](q, k, v, seg, c, sharder)
   dense = lambda q, k, v, seg: _dense(q, k, v, seg, c)
   with jax.default_matmul_precision('highest'):
     got = _fwd_and_grads(splash, q, k, v, seg, weights)
@@ -113,6 +120,19 @@ def test_block_sizes_fit_the_row():
   assert layers.splash_block_sizes(c, 640).block_q == 128  # 640 = 5 x 128
   fused = layers.splash_block_sizes(dataclasses.replace(c, splash_fused_bwd=True), 1024)
   assert fused.use_fused_bwd_kernel and fused.block_q_dq is None
+
+
+def test_flash_block_sizes_fit_short_rows():
+  c = _cfg(heads=2, d_head=8)  # defaults 128 / 128 / 32
+  b, padded = layers.flash_block_sizes(c, 2048)
+  assert (b.block_q, b.block_k, b.block_q_dkv, b.block_kv_dq, padded) == (128, 128, 32, 32, 2048)
+  b, padded = layers.flash_block_sizes(c, 13)  # a short row: one 16-block, not 128
+  assert (b.block_q, b.block_k, b.block_q_dkv, padded) == (16, 16, 16, 16)
+  assert layers.flash_block_sizes(c, 200)[1] == 256 and layers.flash_block_sizes(c, 100)[1] == 128
+  cfg = base_config.get_config()
+  cfg.model.update(attention_impl='flash', flash_block_bwd=48)
+  with pytest.raises(errors.ConfigError, match='flash_block_bwd must be a power of 2'):
+    config_checks.validate(cfg)
 
 
 def test_auto_picks_splash_only_for_tpu():
@@ -153,9 +173,15 @@ def _losses(impl, steps=3, mesh=(2, 2, 2)):
   return np.array(out)
 
 
-def test_splash_training_matches_xla_losses():
+@pytest.fixture(scope='module')
+def xla_losses():
+  return _losses('xla')
+
+
+@pytest.mark.parametrize('impl', ['splash', 'flash'])
+def test_fused_training_matches_xla_losses(impl, xla_losses):
   """Three optimizer steps of the tiny model (4 heads over tensor 2, rows of 13 positions) on the
-  same batches: splash in interpret mode gives xla's losses and gradient norms in float32."""
-  got, want = _losses('splash'), _losses('xla')
+  same batches: the kernel in interpret mode gives xla's losses and gradient norms in float32."""
+  got, want = _losses(impl), xla_losses
   assert np.all(np.isfinite(want)) and len(set(want[:, 0].tolist())) == 3  # the steps changed something
   np.testing.assert_allclose(got, want, rtol=1e-5)
