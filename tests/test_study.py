@@ -102,6 +102,16 @@ def test_report_defaults_unfinished_runs_and_bad_input(tiny_sweep, tmp_path):
   entry = got['table']['hot']['eval/loss/text']
   assert entry['n'] == 1 and entry['std'] is None and list(entry['seeds']) == [0]
   assert got['table']['base']['eval/loss/text']['diff']['n'] == 1  # Paired on seed 0 only.
+  # Against a config value: the runs carry it (read from their config.json), the figure is written.
+  got = study.report(str(root), str(tmp_path / 'rx'), x='eval/loss/text:optim.lr')
+  runs = json.loads((tmp_path / 'rx' / 'results.json').read_text())['runs']
+  lrs = {r['name']: r['config']['optim.lr'] for r in runs}
+  assert lrs['hot-s0'] == 0.05 and lrs['base-s0'] == lrs['base-s1'] != 0.05
+  assert matplotlib.image.imread(str(tmp_path / 'rx' / 'study.png')).ndim == 3
+  with pytest.raises(errors.ConfigError, match='no key'):
+    study.report(str(root), str(tmp_path / 'r4'), x='eval/loss/text:optim.nothing')
+  with pytest.raises(errors.ConfigError, match='METRIC:CONFIG_KEY'):
+    study.report(str(root), str(tmp_path / 'r5'), x='optim.lr')
   with pytest.raises(errors.ConfigError, match='no run logged t2i/digit_acc'):
     study.report(str(root), str(tmp_path / 'r2'), metrics='t2i/digit_acc')
   with pytest.raises(errors.ConfigError, match='is no setting'):

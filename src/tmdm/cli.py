@@ -260,6 +260,8 @@ def _study_args(p):
                                                  'the generation scores the runs logged)')
   rep.add_argument('--baseline', default='', help='setting the paired differences are taken to (default: first)')
   rep.add_argument('--title', default='', help='figure and table title (default: the folder name)')
+  rep.add_argument('--x', default='', help='METRIC:CONFIG_KEY,...: plot these metrics against a config value '
+                                           '(e.g. eval/loss/image:data.mix_image) instead of by setting')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ range of the per-seed differences, so that a claimed difference can be set again
 
 Outputs (OUT, default ROOT/report; a folder or a gs:// URL): results.json (every run's values, the
 summary), table.md (two Markdown tables: means +- std, paired differences) and study.png (a panel per
-metric: every seed as a point, the mean with its std as an error bar).
+metric: every seed as a point, the mean with its std as an error bar). With `x` ({metric: config
+key}, e.g. the mixing study's eval/loss/image against data.mix_image) those panels plot the metric
+against the run's value of the key instead (a trade-off curve; settings' means joined in x order).
 """
 
 import io
@@ -66,8 +68,17 @@ def _final_values(workdir):
   return cfg, values
 
 
-def collect(root) -> dict:
-  """{'runs': [{name, setting, seed, values}], 'unfinished': [names]} of the sweep under ROOT."""
+def _config_value(cfg, key):
+  node = cfg
+  for part in key.split('.'):
+    if part not in node:
+      raise errors.ConfigError(f'the runs\' config has no key {key!r}')
+    node = node[part]
+  return float(node)
+
+
+def collect(root, keys=()) -> dict:
+  """{'runs': [{name, setting, seed, values, config: {key: value for keys}}], 'unfinished': [names]}."""
   runs, unfinished = [], []
   for name, workdir in _runs_of(root):
     cfg, values = _final_values(workdir)
@@ -77,7 +88,8 @@ def collect(root) -> dict:
     seed = int(cfg.seed)
     suffix = f'-s{seed}'
     setting = name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
-    runs.append(dict(name=name, setting=setting, seed=seed, values=values))
+    runs.append(dict(name=name, setting=setting, seed=seed, values=values,
+                     config={k: _config_value(cfg, k) for k in keys}))
   return {'runs': runs, 'unfinished': unfinished}
 
 
@@ -151,8 +163,22 @@ def markdown(summary, title='') -> str:
   return '\n'.join(lines) + '\n'
 
 
-def figure(summary, title='') -> bytes:
-  """PNG bytes: one panel per metric; x the settings, each seed a point, the mean +- std a bar."""
+def _against(ax, runs, summary, metric, key):
+  """A panel of `metric` against the config value `key`: runs as points, settings' means as a line."""
+  pts = [(r['config'][key], r['values'][metric]) for r in runs if metric in r['values']]
+  ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, alpha=0.7, color='tab:blue', zorder=2)
+  means = sorted((next(r['config'][key] for r in runs if r['setting'] == s), summary['table'][s][metric]['mean'], s)
+                 for s in summary['settings'] if summary['table'][s][metric]['mean'] is not None)
+  ax.plot([m[0] for m in means], [m[1] for m in means], 'k-', lw=1, zorder=3)
+  for x_, y_, s in means:
+    ax.annotate(s, (x_, y_), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  ax.set_xlabel(key)
+
+
+def figure(summary, title='', runs=(), x=None) -> bytes:
+  """PNG bytes: one panel per metric; x the settings, each seed a point, the mean +- std a bar (or,
+  for metrics in `x`, the metric against a config key: module docstring)."""
+  x_of = x or {}
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -163,6 +189,11 @@ def figure(summary, title='') -> bytes:
                            squeeze=False)
   x = np.arange(len(settings))
   for ax, m in zip(axes.flat, names):
+    ax.set_title(f'{m} ({"lower" if _LOWER_BETTER.search(m) else "higher"} is better)', fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if m in x_of:
+      _against(ax, runs, summary, m, x_of[m])
+      continue
     means = [table[s][m]['mean'] for s in settings]
     stds = [table[s][m]['std'] or 0.0 for s in settings]
     ok = [i for i, v in enumerate(means) if v is not None]
@@ -177,8 +208,6 @@ def figure(summary, title='') -> bytes:
       ax.axhline(base, color='gray', ls=':', lw=1)
     ax.set_xticks(x)
     ax.set_xticklabels(settings, rotation=35, ha='right', fontsize=8)
-    ax.set_title(f'{m} ({"lower" if _LOWER_BETTER.search(m) else "higher"} is better)', fontsize=9)
-    ax.grid(True, axis='y', alpha=0.3)
   for ax in list(axes.flat)[len(names):]:
     ax.axis('off')
   fig.suptitle(title or 'study', fontsize=10)
@@ -189,10 +218,25 @@ def figure(summary, title='') -> bytes:
   return buf.getvalue()
 
 
-def report(root, out='', metrics='', baseline='', title='') -> dict:
+def parse_x(text: str) -> dict:
+  """'METRIC:KEY,METRIC:KEY' -> {metric: config key}."""
+  out = {}
+  for item in (t for t in text.split(',') if t):
+    metric, sep, key = item.rpartition(':')
+    if not sep or not metric or not key:
+      raise errors.ConfigError(f'--x takes METRIC:CONFIG_KEY pairs, got {item!r}')
+    out[metric] = key
+  return out
+
+
+def report(root, out='', metrics='', baseline='', title='', x='') -> dict:
   """Writes OUT/results.json, OUT/table.md and OUT/study.png; returns the summary."""
-  got = collect(root)
+  x_of = parse_x(x) if isinstance(x, str) else dict(x or {})
+  got = collect(root, sorted(set(x_of.values())))
   names = choose_metrics(got['runs'], metrics)
+  unknown = sorted(set(x_of) - set(names))
+  if unknown:
+    raise errors.ConfigError(f'--x names metrics not reported: {", ".join(unknown)}')
   summary = summarize(got['runs'], names, baseline)
   title = title or str(root).rstrip('/').rsplit('/', 1)[-1]
   out = out or storage.join(root, 'report')
@@ -200,7 +244,7 @@ def report(root, out='', metrics='', baseline='', title='') -> dict:
   storage.write_text(storage.join(out, 'results.json'), json.dumps(
       {'title': title, **summary, 'runs': got['runs'], 'unfinished': got['unfinished']}, indent=1))
   storage.write_text(storage.join(out, 'table.md'), markdown(summary, title))
-  storage.write_bytes(storage.join(out, 'study.png'), figure(summary, title))
+  storage.write_bytes(storage.join(out, 'study.png'), figure(summary, title, got['runs'], x_of))
   return {**summary, 'out': out, 'unfinished': got['unfinished'], 'runs': len(got['runs'])}
 
 
@@ -208,7 +252,7 @@ def command(args) -> int:
   """`tmdm study report ROOT`."""
   if not storage.isdir(args.root):
     raise errors.ConfigError(f'no sweep folder {args.root}')
-  got = report(args.root, args.out, args.metrics, args.baseline, args.title)
+  got = report(args.root, args.out, args.metrics, args.baseline, args.title, args.x)
   print(storage.read_text(storage.join(got['out'], 'table.md')))
   if got['unfinished']:
     print(f'unfinished (left out): {", ".join(got["unfinished"])}')
