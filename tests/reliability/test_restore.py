@@ -156,10 +156,47 @@ def test_two_processes_restore_the_same_step_when_only_one_sees_damage(text_data
   from test_multiprocess import _two_processes  # pylint: disable=import-outside-toplevel  (tests/, not this folder)
   workdir = str(tmp_path / 'multi')
   _two_processes(workdir, text_data)  # 6 steps, checkpoints at 3 and 6, data.num_shards=2
-  with open(os.path.join(workdir, 'checkpoints', '6', 'data', 'shard_1-of-2.json'), 'w') as f:
-    f.write('{"cut short')  # Only process 1 reads data shard 1.
+  # Hosts read different files only in the legacy data layout (one file per data shard; the standard
+  # item is one JSON file every process reads, and OCDBT array files are shared too): rewrite
+  # checkpoint 6's data item into it, and damage the file only process 1 reads.
+  data_dir = os.path.join(workdir, 'checkpoints', '6', 'data')
+  _to_legacy_data(data_dir)
+  with open(os.path.join(data_dir, 'shard_1-of-2.json'), 'w', encoding='utf-8') as f:
+    f.write('{"cut short')
   outs = _two_processes(workdir, text_data)
   assert all('resumed from step 3' in out for out in outs), outs[1][-3000:]
   assert [q.split('-')[0] for q in _quarantined(workdir)] == ['6']
-  assert 'process 1, checkpoint 6: JSONDecodeError' in outs[1]  # Said where it was seen,
+  assert 'process 1, checkpoint 6: JSONDecodeError' in outs[1] and 'process 0, checkpoint 6:' not in outs[0]  # Seen
+  # by process 1 alone,
   assert 'checkpoint 6 is corrupt' in outs[0] and 'moved to' not in outs[1]  # and process 0 alone moves it.
+
+
+def _to_legacy_data(data_dir):
+  """Rewrites a checkpoint's standard JSON data item as the legacy shard_I-of-N.json files."""
+  with open(os.path.join(data_dir, 'metadata'), encoding='utf-8') as f:
+    item = json.load(f)
+  os.remove(os.path.join(data_dir, 'metadata'))
+  for shard, state in item['shards'].items():
+    with open(os.path.join(data_dir, f'shard_{shard}-of-{item["num_shards"]}.json'), 'w', encoding='utf-8') as f:
+      json.dump(state, f)
+  return item['num_shards']
+
+
+def _metric_rows(workdir, after):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
+  return [(r['step'], r['loss']) for r in rows if r.get('step', 0) > after and 'loss' in r]
+
+
+@pytest.mark.slow
+def test_legacy_per_shard_data_item_resumes_like_the_standard_one(text_data, run_dir, tmp_path):
+  """Checkpoints written before the data item was standard JSON held one shard_I-of-N.json per data
+  shard: rewritten into that layout, checkpoint 4 resumes from step 4 with the same data order (the
+  same losses at steps 5 and 6) as the untouched copy."""
+  standard = str(tmp_path / 'standard')
+  shutil.copytree(run_dir, standard)
+  assert _to_legacy_data(os.path.join(run_dir, 'checkpoints', '4', 'data')) == 1
+  assert _resume(text_data, run_dir, **{'train.num_steps': 6}) == 4
+  assert _resume(text_data, standard, **{'train.num_steps': 6}) == 4
+  legacy, want = _metric_rows(run_dir, 4), _metric_rows(standard, 4)
+  assert [s for s, _ in want] == [5, 6] and legacy == want
+  assert _quarantined(run_dir) == []
