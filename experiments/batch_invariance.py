@@ -16,15 +16,23 @@ Data sets (the runner writes and prepares them; --data=markov,fortunes runs both
   fortunes  the smoke data (data/fortunes-smoke): at this size and horizon the model barely leaves
             the unigram plateau (BUILD_NOTES), a check of what happens when nothing is learned.
 Preset: DATA-ARM-BATCH, e.g. markov-fixed-8; the runner adds --config.seed=N for each seed.
+
+Beyond B_crit (issue 16, study 4): batches 128, 256 and 512 at the same D leave 64, 32 and 16 optimizer
+steps, fewer than S_CRIT = 100, so B_crit = D / (SEQ_LEN S_CRIT) = 81.9 sequences; those presets only
+warn (the others keep on_exceeding_crit=error), and
+  python launch/batch_invariance.py --data=markov --seeds=0,1 --batches=8,16,32,64,128,256,512 \
+      --out=runs/study_batch --figure=docs/studies/batch/batch.png --summary=docs/studies/batch/results.json
 """
 
 from tmdm.config import base as base_config
 from tmdm.model import config as model_config
 
-BATCHES = (8, 16, 32, 64)
+BATCHES = (8, 16, 32, 64)  # below B_crit: the runner's default
+BEYOND = (128, 256, 512)  # above B_crit (study 4 of issue 16: --batches=8,16,32,64,128,256,512)
 BASE_BATCH = 16
 SEQ_LEN = 32
-HORIZON = 128 * max(BATCHES) * SEQ_LEN  # D in tokens: 128 steps at the largest batch, 1024 at the smallest
+HORIZON = 128 * 64 * SEQ_LEN  # D in tokens: 128 steps at batch 64, 1024 at 8, 16 at 512
+S_CRIT = 100  # optim.s_crit: B_crit = D / (SEQ_LEN * S_CRIT) = 81.9 sequences
 LOG_POINTS = 64  # training-metric windows per run, equal in tokens across batches
 EVAL_POINTS = 8  # checkpoints per run, equal in tokens across batches (the runner evaluates them)
 EVAL_ROWS = 128  # validation rows of the runner's paired evaluation
@@ -35,7 +43,7 @@ DATASETS = {
     'fortunes': dict(text_name='fortunes-smoke', text_sources='fortunes', text_max_docs=4000, text_size=512),
 }
 ARMS = ('fixed', 'scaled')
-PRESETS = {f'{d}-{arm}-{b}': (d, arm, b) for d in DATASETS for arm in ARMS for b in BATCHES}
+PRESETS = {f'{d}-{arm}-{b}': (d, arm, b) for d in DATASETS for arm in ARMS for b in BATCHES + BEYOND}
 
 
 def get_config(arg=None):
@@ -53,8 +61,9 @@ def get_config(arg=None):
       c[pair_section].sources = ''
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.optim.update(lr=1e-2, warmup_frac=0.05, decay='cosine', clip_norm=0.0, sde_scaling=arm == 'scaled',
-                 base_batch=BASE_BATCH, base_tokens=float(HORIZON), s_crit=100, on_exceeding_crit='error')
-  c.train.update(num_steps=steps, batch_size=batch, log_every_steps=steps // LOG_POINTS, eval_every_steps=0,
+                 base_batch=BASE_BATCH, base_tokens=float(HORIZON), s_crit=S_CRIT,
+                 on_exceeding_crit='warn' if batch in BEYOND else 'error')  # beyond: on purpose
+  c.train.update(num_steps=steps, batch_size=batch, log_every_steps=max(1, steps // LOG_POINTS), eval_every_steps=0,
                  eval_batches=0, tensorboard=False)
   c.checkpoint.update(every_steps=steps // EVAL_POINTS, keep=EVAL_POINTS)
   return c
