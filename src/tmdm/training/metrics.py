@@ -59,8 +59,8 @@ class _Appended:
 
   def __init__(self, path):
     self.path = path
-    lines = _read_lines(path) if os.path.isfile(path) else []
-    self._rewrite(lines)
+    self._read = _read_lines(path) if os.path.isfile(path) else []  # Until drop_after: read once.
+    self._rewrite(self._read)
     self._file = open(path, 'a', encoding='utf-8')
 
   def _rewrite(self, lines):
@@ -70,10 +70,15 @@ class _Appended:
     if step is None:
       return
     self._file.close()
-    self._rewrite(_steps_at_most(_read_lines(self.path), step))
+    lines = self._read if self._read is not None else _read_lines(self.path)
+    kept = _steps_at_most(lines, step)
+    if len(kept) < len(lines):
+      self._rewrite(kept)
+    self._read = kept
     self._file = open(self.path, 'a', encoding='utf-8')
 
   def add(self, line: str):
+    self._read = None  # The file has moved on from what was read at open.
     self._file.write(line + '\n')
     self._file.flush()
 
@@ -92,10 +97,11 @@ class _Parts:
       return
     for name in _part_names(self.folder):
       path = storage.join(self.folder, name)
-      kept = _steps_at_most(_read_lines(path), step)
+      lines = _read_lines(path)
+      kept = _steps_at_most(lines, step)
       if not kept:
         storage.remove(path)
-      elif len(kept) < len(_read_lines(path)):
+      elif len(kept) < len(lines):
         storage.write_text(path, ''.join(line + '\n' for line in kept))
 
   def add(self, line: str):
