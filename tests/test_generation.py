@@ -193,6 +193,8 @@ def test_sweep_weighs_diversity_with_accuracy(monkeypatch):
                                               temperatures=[0.5, 1.0], guidance=[0.0, 4.0])
   assert (chosen['temperature'], chosen['guidance']) == (1.0, 4.0)  # 0.55 x 0.8 = 0.44 beats 0.70 x 0.2 = 0.14
   assert sorted(round(r['score'], 6) for r in rows) == [0.14, 0.25, 0.285, 0.44]
+  with pytest.raises(errors.ConfigError, match='2 or more samples per class'):  # e.g. eval.num=10
+    sample_sweep.score('t2i', {'metric': 0.5, 't2i/diversity': float('nan')}, True)
 
 
 def test_class_spread():

@@ -5,7 +5,7 @@ For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every co
   steps         total denoising steps (an upper bound for 'threshold')
   temperature
   guidance      classifier-free guidance weight w (cross-modal tasks)
-and writes sweep.csv, sweep.md (a table sorted by the task's metric, evaluate.PRIMARY) and sweep.png
+and writes sweep.csv, sweep.md (a table sorted by the score below) and sweep.png
 (the metric against steps, one line per rule and temperature, one panel per guidance weight; for T2I a
 second row with the diversity). The chosen setting is the best *score*; among settings within
 `tolerance` of it (exact ties by default), the best by the task's secondary metric (evaluate.SECONDARY:
@@ -16,8 +16,10 @@ t2i/diversity, the within-digit spread of the samples over that of real digits),
   score = metric x min(1, diversity)
 so that a setting which draws one image per digit (diversity near 0) cannot win on accuracy alone,
 while diversity above real handwriting's earns nothing (it would reward noise). Accuracy and
-diversity count alike: halving either halves the score. `--record=FILE.json` writes it (with the metric and the command) into a
-file the user names and prints the line that puts it into an experiment file; no config reads it by
+diversity count alike: halving either halves the score.
+
+`--record=FILE.json` writes the chosen setting (with its metric, score and the command) into a file
+the user names and prints the line that puts it into an experiment file; no config reads it by
 itself, so an experiment gives the same settings until someone changes the experiment.
 
 Steps, temperature, guidance and tau are traced sampler inputs (sampling.Knobs): one compile per
@@ -29,6 +31,7 @@ import datetime
 import itertools
 import json
 import logging
+import math
 import os
 
 from tmdm import errors, storage
@@ -103,7 +106,11 @@ def score(task, row, higher) -> float:
   if task in evaluate.DIVERSITY:
     if not higher:
       raise ValueError(f'{task}: diversity weighting needs a higher-is-better metric')
-    value *= min(1.0, max(0.0, row[evaluate.DIVERSITY[task]]))
+    diversity = row[evaluate.DIVERSITY[task]]
+    if not math.isfinite(diversity):  # One sample per digit: no spread to measure.
+      raise errors.ConfigError(f'{task}: the diversity needs 2 or more samples per class; raise eval.num '
+                               '(T2I: at least 20)')
+    value *= min(1.0, max(0.0, diversity))
   return value
 
 
