@@ -98,6 +98,25 @@ def _splash_kernel(heads: int, length: int, block_sizes, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def _pad_rows(q, k, v, seg, padded):
+  """Rows padded to `padded` positions; the padding gets segment -1, which sees only itself."""
+  pad = padded - q.shape[1]
+  if not pad:
+    return q, k, v, seg
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  return q, k, v, jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+
+
+def _per_batch_shard(local, sharder, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL):
+  """local(q, k, v, seg) on each batch shard (heads over 'tensor') under shard_map, or whole without a mesh."""
+  if sharder.mesh is None:
+    return local(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+  qkv_spec = sharder.spec(('batch', 'length', 'heads', 'kv'))
+  seg_spec = sharder.spec(('batch', 'length'))
+  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+
+
 def splash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, sharder: sharding_lib.Sharder):
   """Pallas' splash (flash) attention kernel for TPU, no [B, H, L, L] tensor in HBM: positions
   attend within their segment (packed documents; padding, segment 0, sees only padding), exactly
@@ -111,10 +130,7 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, s
   interpret = target_platform(sharder) != 'tpu'
 
   def local(q, k, v, seg):
-    pad = padded - length
-    if pad:
-      q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-      seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    q, k, v, seg = _pad_rows(q, k, v, seg, padded)
     q = q * jnp.asarray(cfg.attn_scale, q.dtype)  # The kernel does not scale; 1 / d_head is exact in bf16.
     kernel = _splash_kernel(q.shape[2], padded, block_sizes, interpret)
     to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [b, L, h, K] -> [b, h, L, K]
@@ -123,12 +139,7 @@ def splash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, s
         to_heads(q), to_heads(k), to_heads(v), seg)
     return to_heads(out)[:, :length]
 
-  if sharder.mesh is None:
-    return local(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
-  qkv_spec = sharder.spec(('batch', 'length', 'heads', 'kv'))
-  seg_spec = sharder.spec(('batch', 'length'))
-  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+  return _per_batch_shard(local, sharder, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
 
 
 def _pallas_gpu_attention():
@@ -160,20 +171,12 @@ def flash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, sh
   interpret = target_platform(sharder) != 'gpu'
 
   def local(q, k, v, seg):
-    pad = padded - length
-    if pad:
-      q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-      seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    q, k, v, seg = _pad_rows(q, k, v, seg, padded)
     out = kernel.mha(q, k, v, seg.astype(jnp.int32), sm_scale=cfg.attn_scale, block_sizes=block_sizes,
                      interpret=interpret)
     return out[:, :length]
 
-  if sharder.mesh is None:
-    return local(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
-  qkv_spec = sharder.spec(('batch', 'length', 'heads', 'kv'))
-  seg_spec = sharder.spec(('batch', 'length'))
-  return jax.shard_map(local, mesh=sharder.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-                       out_specs=qkv_spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
+  return _per_batch_shard(local, sharder, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
 
 
 class Attention(nn.Module):
