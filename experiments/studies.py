@@ -13,6 +13,10 @@ STUDY is one of
              half the unique rows) / on at equal unique data (twice the rows per step), 2 seeds, with
              the T2I digit evaluator at the end.
   mixing     3: a grid over the (text, image, audio) shares of rows, with the T2I and T2S evaluators.
+  scaling    5: widths (d 16, 32, 64 at depth 2) x horizons (250 to 2,000 steps, each with its own cosine
+             schedule) on text and image-text rows (half each, no audio), for `tmdm scaling fit`:
+               python launch/sweep.py run --config=experiments/studies.py:scaling --root=runs/studies/scaling
+               tmdm scaling fit runs/studies/scaling/results.jsonl --out=docs/studies/scaling
 
 The model: d 64, 2 layers (the 'tiny' preset, 0.1M non-embedding parameters), rows of 128 tokens,
 batch 16, learning rate 1e-2 (CompleteP at its base shape), 500 steps (1.0M tokens; 0.25 s a step
@@ -33,6 +37,15 @@ MIXES = {  # (text, image, audio) shares of rows; 'demo' is the demo's mixture
     'demo': (0.2, 0.5, 0.3), 'even': (0.34, 0.33, 0.33), 'text60': (0.6, 0.2, 0.2),
     'image60': (0.2, 0.6, 0.2), 'audio60': (0.2, 0.2, 0.6), 'notext': (0.0, 0.6, 0.4),
 }
+# Study 5: width -> model shape at depth 2 (heads 32 wide or narrower, SwiGLU hidden ~ 2.75 x width), and
+# horizons in optimizer steps of 16 x 128 tokens. Largest and longest first, so that with runs in
+# parallel the long ones start early.
+WIDTHS = {
+    'w64': dict(d_model=64, n_heads=2, d_head=32, d_ff=176),
+    'w32': dict(d_model=32, n_heads=1, d_head=32, d_ff=88),
+    'w16': dict(d_model=16, n_heads=1, d_head=16, d_ff=44),
+}
+HORIZONS = (2000, 1000, 500, 250)
 
 
 def get_config(arg=None):
@@ -55,6 +68,9 @@ def get_config(arg=None):
     c.eval.update(every_steps=steps, tasks='t2i_digits')
   elif arg == 'mixing':
     c.eval.update(every_steps=steps, tasks='t2i_digits,t2s')
+  elif arg == 'scaling':  # text and one pair modality; validation on all held-out rows of both
+    c.data.update(mix_text=0.5, mix_image=0.5, mix_audio=0.0)
+    c.train.update(eval_batches=16)
   c.sample.t2i.update(sampler='confidence', schedule='cosine', steps=16, temperature=1.0, guidance=2.0)
   c.sample.t2s.update(sampler='ancestral', schedule='cosine', steps=16, temperature=1.0, guidance=0.0)
   return c
@@ -78,4 +94,8 @@ def get_sweep(arg=None):
   if arg == 'mixing':
     return [{'name': name, 'data.mix_text': t, 'data.mix_image': i, 'data.mix_audio': a}
             for name, (t, i, a) in MIXES.items()]
-  raise ValueError(f'experiments/studies.py: no study {arg!r} (schedules, antimask, mixing)')
+  if arg == 'scaling':  # a grid; each run's schedule (warm-up, cosine decay) ends at its own horizon
+    return {'size': {w: {f'model.{k}': v for k, v in shape.items()} for w, shape in WIDTHS.items()},
+            'steps': {f's{n}': {'train.num_steps': n, 'train.eval_every_steps': n, 'checkpoint.every_steps': n,
+                                'train.log_every_steps': max(1, n // 16)} for n in HORIZONS}}
+  raise ValueError(f'experiments/studies.py: no study {arg!r} (schedules, antimask, mixing, scaling)')

@@ -61,6 +61,9 @@ def test_storage_on_the_server(gcs, tmp_path):
   storage.write_text(f'{root}/a/x.txt', 'one')
   assert storage.read_text(f'{root}/a/x.txt') == 'one' and storage.isfile(f'{root}/a/x.txt')
   assert storage.isdir(f'{root}/a') and storage.listdir(root) == ['a']
+  assert not storage.isfile(f'{root}/a') and not storage.isfile(f'{root}/a/none.txt')  # a prefix, a missing object
+  assert storage.missing_files([f'{root}/a/x.txt', f'{root}/a/none.txt', f'{root}/a']) == [
+      f'{root}/a/none.txt', f'{root}/a']
   storage.move(f'{root}/a', f'{root}/moved/a')
   assert not storage.exists(f'{root}/a') and storage.read_text(f'{root}/moved/a/x.txt') == 'one'
   local = tmp_path / 'tree'

@@ -100,12 +100,11 @@ class ShardedRecords:
       raise DataError(f'{root}: no split {split!r} (has {", ".join(manifest["splits"])})')
     self.fields = tuple(manifest['fields'])
     self.shards = manifest['splits'][split]['shards']
-    for shard in self.shards:
-      for field in self.fields:
-        for part in ('values', 'offsets'):
-          meta = storage.join(root, shard['path'], field, part, 'zarr.json')
-          if not storage.isfile(meta):
-            raise DataError(f'missing shard array {meta}')
+    missing = storage.missing_files(storage.join(root, shard['path'], field, part, 'zarr.json')
+                                for shard in self.shards for field in self.fields for part in ('values', 'offsets'))
+    if missing:
+      more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+      raise DataError(f'missing shard array {missing[0]}{more}')
     counts = np.array([s['num_records'] for s in self.shards], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(counts)])
     self._arrays, self._context = {}, None
