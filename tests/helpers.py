@@ -1,12 +1,16 @@
 """Shared test fixtures' building blocks: tiny configs, random batches, a prepared text dataset."""
 
 import os
+import types
 
 import numpy as np
 
-from tmdm import vocab as vocab_lib
+from tmdm import optim, vocab as vocab_lib
 from tmdm.config import base as base_config
-from tmdm.model import config as model_config
+from tmdm.diffusion import corruption
+from tmdm.model import config as model_config, transformer
+from tmdm.parallel import sharding
+from tmdm.training import state as train_state, step as train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +24,22 @@ def tiny_config(**model_overrides):
   c.data.seq_len = 13
   c.train.batch_size = 8
   return c
+
+
+def trainer(cfg, mesh=(1, 1, 1), num_steps=10, microbatches=1, **optim_kw):
+  """The real training pieces for `cfg` on a CPU mesh: vocab, sharder, mcfg, model, tx, diff (the
+  DiffusionConfig), state (initialized, seed 0) and step (train_step.jit_steps' train step)."""
+  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
+  sharder = sharding.Sharder(sharding.make_mesh(mesh))
+  mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
+  model = transformer.Transformer(mcfg, sharder)
+  tx = optim.build(cfg.optim, num_steps, mcfg.group_multipliers(), **optim_kw)
+  diff = corruption.DiffusionConfig.from_config(cfg.diffusion)
+  state = train_state.create(model, tx, sharder, cfg.data.seq_len, seed=0)
+  state_sh = train_state.state_shardings(model, tx, sharder, cfg.data.seq_len)
+  step, _ = train_step.jit_steps(model, tx, diff, vocab, sharder, state_sh, microbatches)
+  return types.SimpleNamespace(vocab=vocab, sharder=sharder, mcfg=mcfg, model=model, tx=tx, diff=diff, state=state,
+                               step=step)
 
 
 def random_batch(vocab: vocab_lib.VocabSpec, rows, length, seed=0, modalities=(vocab_lib.TEXT,)):

@@ -12,11 +12,10 @@ import pytest
 
 from tmdm import errors, optim, vocab as vocab_lib
 from tmdm.config import loader as config_loader
-from tmdm.diffusion import corruption
 from tmdm.model import config as model_config, transformer
 from tmdm.parallel import sharding
-from tmdm.training import state as train_state, step as train_step
-from helpers import REPO, random_batch, tiny_config
+from tmdm.training import state as train_state
+from helpers import REPO, random_batch, tiny_config, trainer
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
 BASE = {'lr': 3e-3, 'b1': 0.9, 'b2': 0.95, 'eps': 1e-8, 'weight_decay': 0.1, 'ema': 0.999}
@@ -162,12 +161,8 @@ def test_completep_multipliers_multiply_the_scaled_values():
 def _updated_params(microbatches, mesh=(2, 2, 2), steps=2):
   cfg = tiny_config()
   cfg.optim.update(warmup_frac=0.0, base_batch=4, base_tokens=1e3)  # kappa = 4: the scaled optimizer
-  vocab, sharder, mcfg, model = _model_and_params(cfg, mesh)
-  tx = optim.build(cfg.optim, 10, mcfg.group_multipliers(), batch_size=16, seq_len=cfg.data.seq_len)
-  state = train_state.create(model, tx, sharder, cfg.data.seq_len, seed=0)
-  state_sh = train_state.state_shardings(model, tx, sharder, cfg.data.seq_len)
-  step_fn, _ = train_step.jit_steps(model, tx, corruption.DiffusionConfig.from_config(cfg.diffusion), vocab, sharder,
-                                    state_sh, microbatches)
+  t = trainer(cfg, mesh, microbatches=microbatches, batch_size=16, seq_len=cfg.data.seq_len)
+  vocab, sharder, state, step_fn = t.vocab, t.sharder, t.state, t.step
   with jax.default_matmul_precision('highest'):
     for i in range(steps):
       batch = random_batch(vocab, 16, cfg.data.seq_len, seed=3 + i, modalities=(vocab_lib.TEXT, vocab_lib.IMAGE, vocab_lib.AUDIO))

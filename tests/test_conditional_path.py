@@ -14,14 +14,11 @@ import functools
 import jax
 import numpy as np
 
-from tmdm import optim, vocab as vocab_lib
+from tmdm import vocab as vocab_lib
 from tmdm.data import pipeline
-from tmdm.diffusion import corruption, sampling
+from tmdm.diffusion import sampling
 from tmdm.generation import tasks as tasks_lib
-from tmdm.model import config as model_config, transformer
-from tmdm.parallel import sharding
-from tmdm.training import state as train_state, step as train_step
-from helpers import tiny_config
+from helpers import tiny_config, trainer
 
 VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 STEPS, ROWS = 300, 32
@@ -46,14 +43,9 @@ def _trained():
   cfg = tiny_config()
   cfg.optim.update(lr=1e-2, warmup_frac=0.05)
   cfg.diffusion.update(p_joint=0.0, p_conditional=1.0, p_drop_condition=0.0)
-  sharder = sharding.Sharder(sharding.make_mesh((1, 8, 1)))
-  mcfg = model_config.ModelConfig.from_config(cfg.model, VOCAB.size)
-  model = transformer.Transformer(mcfg, sharder)
-  tx = optim.build(cfg.optim, STEPS, mcfg.group_multipliers(), batch_size=ROWS, seq_len=cfg.data.seq_len)
-  diff = corruption.DiffusionConfig.from_config(cfg.diffusion)
-  state = train_state.create(model, tx, sharder, cfg.data.seq_len, seed=0)
-  state_sh = train_state.state_shardings(model, tx, sharder, cfg.data.seq_len)
-  step_fn, _ = train_step.jit_steps(model, tx, diff, VOCAB, sharder, state_sh, 1)
+  t = trainer(cfg, (1, 8, 1), STEPS, batch_size=ROWS, seq_len=cfg.data.seq_len)
+  assert t.vocab == VOCAB  # the rows below are built with VOCAB
+  sharder, model, diff, state, step_fn = t.sharder, t.model, t.diff, t.state, t.step
   rng = np.random.default_rng(0)
   for _ in range(STEPS):
     batch = _rows(rng, ROWS, cfg.data.seq_len)

@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmdm import errors, optim, vocab as vocab_lib
+from tmdm import errors, vocab as vocab_lib
 from tmdm.config import base as base_config, checks as config_checks
-from tmdm.diffusion import corruption
-from tmdm.model import config as model_config, layers, transformer
+from tmdm.model import config as model_config, layers
 from tmdm.parallel import sharding
-from tmdm.training import state as train_state, step as train_step
-from helpers import random_batch, tiny_config
+from helpers import random_batch, tiny_config, trainer
 
 F32_RTOL = 1e-5
 BF16_RTOL = 1e-2
@@ -70,6 +68,20 @@ def _fwd_and_grads(fn, q, k, v, seg, weights):
 KERNELS = {'splash': layers.splash_attention, 'flash': layers.flash_attention}
 
 
+def _assert_matches_dense(impl, c, sharder, inputs, rtol, seed):
+  """The kernel's output and q, k, v gradients (under a random cotangent) equal the dense path's."""
+  q, k, v, seg = inputs
+  weights = jax.random.normal(jax.random.PRNGKey(seed), q.shape, jnp.float32)
+  kernel = lambda q, k, v, seg: KERNELS[impl](q, k, v, seg, c, sharder)
+  dense = lambda q, k, v, seg: _dense(q, k, v, seg, c)
+  with jax.default_matmul_precision('highest'):
+    got = _fwd_and_grads(kernel, q, k, v, seg, weights)
+    want = _fwd_and_grads(dense, q, k, v, seg, weights)
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    assert a.dtype == b.dtype == c.dtype
+    assert _rel(a, b) < rtol, (name, _rel(a, b))
+
+
 @pytest.mark.parametrize('impl,dtype,rtol', [('splash', 'float32', F32_RTOL), ('splash', 'bfloat16', BF16_RTOL),
                                              ('flash', 'float32', F32_RTOL), ('flash', 'bfloat16', BF16_RTOL)])
 def test_fused_matches_dense_forward_and_gradients(impl, dtype, rtol):
@@ -77,16 +89,7 @@ def test_fused_matches_dense_forward_and_gradients(impl, dtype, rtol):
   c = _cfg(heads=3, d_head=16, dtype=dtype, flash_block_bwd=32)
   q, k, v, seg = _inputs(3, 200, 3, 16, c.dtype)
   assert len(set(np.asarray(seg[1]).tolist())) >= 2 and (np.asarray(seg) == 0).any()
-  weights = jax.random.normal(jax.random.PRNGKey(9), q.shape, jnp.float32)
-  no_mesh = sharding.Sharder(None)
-  splash = lambda q, k, v, seg: KERNELS[impl](q, k, v, seg, c, no_mesh)
-  dense = lambda q, k, v, seg: _dense(q, k, v, seg, c)
-  with jax.default_matmul_precision('highest'):
-    got = _fwd_and_grads(splash, q, k, v, seg, weights)
-    want = _fwd_and_grads(dense, q, k, v, seg, weights)
-  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
-    assert a.dtype == b.dtype == c.dtype
-    assert _rel(a, b) < rtol, (name, _rel(a, b))
+  _assert_matches_dense(impl, c, sharding.Sharder(None), (q, k, v, seg), rtol, seed=9)
 
 
 @pytest.mark.parametrize('impl', ['splash', 'flash'])
@@ -99,14 +102,7 @@ def test_fused_under_shard_map_matches_dense(impl):
   qkv_sh = sharder.named(('batch', 'length', 'heads', 'kv'))
   q, k, v = (jax.device_put(x, qkv_sh) for x in (q, k, v))
   seg = jax.device_put(seg, sharder.batch())
-  weights = jax.random.normal(jax.random.PRNGKey(2), q.shape, jnp.float32)
-  splash = lambda q, k, v, seg: KERNELS[impl](q, k, v, seg, c, sharder)
-  dense = lambda q, k, v, seg: _dense(q, k, v, seg, c)
-  with jax.default_matmul_precision('highest'):
-    got = _fwd_and_grads(splash, q, k, v, seg, weights)
-    want = _fwd_and_grads(dense, q, k, v, seg, weights)
-  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
-    assert _rel(a, b) < F32_RTOL, (name, _rel(a, b))
+  _assert_matches_dense(impl, c, sharder, (q, k, v, seg), F32_RTOL, seed=2)
 
 
 def test_block_sizes_fit_the_row():
@@ -153,15 +149,8 @@ def test_config_rejects_block_sizes_off_the_lanes():
 def _losses(impl, steps=3, mesh=(2, 2, 2)):
   cfg = tiny_config()
   cfg.model.attention_impl = impl
-  vocab = vocab_lib.VocabSpec.from_config(cfg.vocab)
-  sharder = sharding.Sharder(sharding.make_mesh(mesh))
-  mcfg = model_config.ModelConfig.from_config(cfg.model, vocab.size)
-  model = transformer.Transformer(mcfg, sharder)
-  tx = optim.build(cfg.optim, 10, mcfg.group_multipliers())
-  state = train_state.create(model, tx, sharder, cfg.data.seq_len, seed=0)
-  state_sh = train_state.state_shardings(model, tx, sharder, cfg.data.seq_len)
-  step_fn, _ = train_step.jit_steps(model, tx, corruption.DiffusionConfig.from_config(cfg.diffusion), vocab, sharder,
-                                    state_sh, 1)
+  t = trainer(cfg, mesh)
+  vocab, sharder, state, step_fn = t.vocab, t.sharder, t.state, t.step
   out = []
   with jax.default_matmul_precision('highest'):
     for i in range(steps):
