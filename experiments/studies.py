@@ -13,7 +13,7 @@ STUDY is one of
              half the unique rows) / on at equal unique data (twice the rows per step), 2 seeds, with
              the T2I digit evaluator at the end.
   mixing     3: a grid over the (text, image, audio) shares of rows, with the T2I and T2S evaluators.
-  scaling    5: widths (d 16, 32, 64 at depth 2) x horizons (250 to 1,000 steps, each with its own cosine
+  scaling    5: widths (d 16, 32, 64 at depth 2) x horizons (250 to 2,000 steps, each with its own cosine
              schedule) on text and image-text rows (half each, no audio), for `tmdm scaling fit`:
                python launch/sweep.py run --config=experiments/studies.py:scaling --root=runs/studies/scaling
                tmdm scaling fit runs/studies/scaling/results.jsonl --out=docs/studies/scaling
@@ -45,7 +45,7 @@ WIDTHS = {
     'w32': dict(d_model=32, n_heads=1, d_head=32, d_ff=88),
     'w16': dict(d_model=16, n_heads=1, d_head=16, d_ff=44),
 }
-HORIZONS = (1000, 500, 250)
+HORIZONS = (2000, 1000, 500, 250)
 
 
 def get_config(arg=None):
@@ -68,7 +68,7 @@ def get_config(arg=None):
     c.eval.update(every_steps=steps, tasks='t2i_digits')
   elif arg == 'mixing':
     c.eval.update(every_steps=steps, tasks='t2i_digits,t2s')
-  elif arg == 'scaling':  # text and one pair modality; validation on all held-out rows of both
+  elif arg == 'scaling':  # text and one pair modality; 16 validation batches (256 held-out rows) at the end
     c.data.update(mix_text=0.5, mix_image=0.5, mix_audio=0.0)
     c.train.update(eval_batches=16)
   c.sample.t2i.update(sampler='confidence', schedule='cosine', steps=16, temperature=1.0, guidance=2.0)
