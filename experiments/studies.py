@@ -13,7 +13,7 @@ STUDY is one of
              half the unique rows) / on at equal unique data (twice the rows per step), 2 seeds, with
              the T2I digit evaluator at the end.
   mixing     3: a grid over the (text, image, audio) shares of rows, with the T2I and T2S evaluators.
-  scaling    5: widths (d 16, 32, 64 at depth 2) x horizons (250 to 2,000 steps, each with its own cosine
+  scaling    5: widths (d 16, 32, 64 at depth 2) x horizons (250 to 4,000 steps, each with its own cosine
              schedule) on text and image-text rows (half each, no audio), for `tmdm scaling fit`:
                python launch/sweep.py run --config=experiments/studies.py:scaling --root=runs/studies/scaling
                tmdm scaling fit runs/studies/scaling/results.jsonl --out=docs/studies/scaling
@@ -45,7 +45,7 @@ WIDTHS = {
     'w32': dict(d_model=32, n_heads=1, d_head=32, d_ff=88),
     'w16': dict(d_model=16, n_heads=1, d_head=16, d_ff=44),
 }
-HORIZONS = (2000, 1000, 500, 250)
+HORIZONS = (4000, 2000, 1000, 500, 250)
 
 
 def get_config(arg=None):
