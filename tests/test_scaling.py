@@ -90,10 +90,11 @@ def test_cli_fit_writes_json_and_plots_and_plan_reads_them(tmp_path, capsys):
     lo, hi = text['intervals'][k]
     assert lo <= hi and k in text
   assert len(text['bootstrap']) == 3
+  assert text['determined'] is True and text['undetermined_reasons'] == [] and text['degenerate_draws'] == 0
   assert fit['image']['E'] == pytest.approx(TRUE.E + 0.5, rel=0.05)
   assert sorted(p.name for p in out.glob('*.png')) == ['image_frontier.png', 'image_loss.png', 'text_frontier.png',
                                                        'text_loss.png']
-  capsys.readouterr()
+  assert 'not determined' not in capsys.readouterr().out
   assert cli.main(['scaling', 'plan', '--fit', str(out / 'fit.json'), '--flops', '1e21', '--modality', 'text']) == 0
   printed = capsys.readouterr().out
   n_opt, d_opt = scaling.law_of(text).optimal(1e21)
@@ -130,3 +131,98 @@ def test_compile_check_cli_rejects_a_bad_mesh(capsys):
   smoke = os.path.join(os.path.dirname(DATA), '..', '..', 'experiments', 'smoke.py')
   assert cli.main(['compile-check', f'--config={smoke}', '--mesh=2,2']) == 2
   assert '--mesh takes DATA,FSDP,TENSOR' in capsys.readouterr().err
+
+
+# Sweeps the law cannot be fitted to (issue 24, item 8): `tmdm scaling fit` must flag them, not crash
+# (a flat sweep's bootstrap once died in `intervals` dividing by alpha + beta = 0).
+def _flat():
+  """3 sizes x 3 horizons, every loss 3.0 within 1e-6 relative noise: no trend to fit."""
+  n, d = (g.ravel() for g in np.meshgrid(np.geomspace(1e6, 1e8, 3), np.geomspace(1e8, 1e10, 3)))
+  return n, d, 3.0 * np.exp(1e-6 * np.random.default_rng(0).standard_normal(n.shape))
+
+
+def _single_size():
+  """One model size, six token counts: A, alpha and E cannot be told apart."""
+  d = np.geomspace(1e8, 1e10, 6)
+  n = np.full_like(d, 1e7)
+  return n, d, TRUE.loss(n, d) * np.exp(1e-3 * np.random.default_rng(1).standard_normal(n.shape))
+
+
+def _single_horizon():
+  """Six model sizes, one token count: B, beta and E cannot be told apart."""
+  n = np.geomspace(1e6, 1e8, 6)
+  d = np.full_like(n, 1e9)
+  return n, d, TRUE.loss(n, d) * np.exp(1e-3 * np.random.default_rng(2).standard_normal(n.shape))
+
+
+def _write_results(path, n, d, loss):
+  with open(path, 'w', encoding='utf-8') as f:
+    for i, (a, b, y) in enumerate(zip(n, d, loss)):
+      f.write(json.dumps(dict(name=f'r{i}', params=a, tokens=b, modality='text', loss=y)) + '\n')
+
+
+def _strict(constant):
+  raise ValueError(f'fit.json holds {constant}: not strict JSON')
+
+
+def _assert_flagged_not_crashed(sweep, tmp_path, capsys, reason):
+  """`tmdm scaling fit` (in-process) exits 0 with the warning and the degenerate-draw count printed
+  and in fit.json; `tmdm scaling plan` then refuses the fit in one line. Returns fit.json's entry."""
+  results, out = tmp_path / 'results.jsonl', tmp_path / 'fit'
+  _write_results(results, *sweep)
+  capsys.readouterr()
+  assert cli.main(['scaling', 'fit', str(results), '--out', str(out), '--bootstrap', '8', '--starts', '4']) == 0
+  text = capsys.readouterr().out
+  entry = json.loads((out / 'fit.json').read_text(), parse_constant=_strict)['modalities']['text']
+  assert entry['determined'] is False
+  assert any(reason in r for r in entry['undetermined_reasons']), entry['undetermined_reasons']
+  assert 0 <= entry['degenerate_draws'] <= 8 and len(entry['bootstrap']) == 8
+  assert 'WARNING: text: the fit is not determined by these data' in text and reason in text
+  assert f'{entry["degenerate_draws"]} of 8 bootstrap resamples gave a degenerate law' in text
+  assert sorted(p.name for p in out.glob('*.png')) == ['text_frontier.png', 'text_loss.png']
+  # Planning from it is refused in one line (status 2), not done from an arbitrary law.
+  assert cli.main(['scaling', 'plan', '--fit', str(out / 'fit.json'), '--flops', '1e21']) == 2
+  err = capsys.readouterr()
+  assert 'N* =' not in err.out
+  assert err.err.count('\n') == 1 and 'error:' in err.err and 'not determined' in err.err
+  return entry
+
+
+def test_flat_sweep_is_flagged_not_crashed(tmp_path, capsys):
+  entry = _assert_flagged_not_crashed(_flat(), tmp_path, capsys, 'bootstrap resamples give a degenerate law')
+  assert entry['degenerate_draws'] > 0  # The draws that divided by alpha + beta = 0 before.
+
+
+def test_single_size_sweep_is_flagged_not_crashed(tmp_path, capsys):
+  _assert_flagged_not_crashed(_single_size(), tmp_path, capsys, '1 distinct model size')
+
+
+def test_single_horizon_sweep_is_flagged_not_crashed(tmp_path, capsys):
+  _assert_flagged_not_crashed(_single_horizon(), tmp_path, capsys, '1 distinct token count')
+
+
+def test_degenerate_point_fit_is_flagged_not_crashed(tmp_path, capsys, monkeypatch):
+  """The point fit itself with alpha = beta = 0 (no compute-optimal allocation at all): the entry,
+  the printout, fit.json and the plots are still written."""
+  real_fit = scaling.fit
+
+  def degenerate_fit(*args, **kwargs):
+    _, value, theta = real_fit(*args, **kwargs)
+    theta = np.array(theta)
+    theta[3:] = 0.0
+    return scaling.Law.from_theta(theta), value, theta
+
+  monkeypatch.setattr(scaling, 'fit', degenerate_fit)
+  n, d = (g.ravel() for g in np.meshgrid(np.geomspace(1e7, 1e9, 3), np.geomspace(1e9, 1e11, 3)))
+  entry = _assert_flagged_not_crashed((n, d, TRUE.loss(n, d)), tmp_path, capsys, 'alpha + beta = 0')
+  assert entry['degenerate_draws'] == 8 and entry['a'] is None and entry['b'] is None
+  assert 'a' not in entry['intervals'] and 'alpha' in entry['intervals']
+  assert entry['frontier']['N*(C)']['coef'] is None  # nan in memory, null in fit.json.
+
+
+def test_law_degenerate_names_why():
+  assert TRUE.degenerate() == ''
+  assert 'alpha + beta = 0' in scaling.Law(E=1, A=1, alpha=0, B=1, beta=0).degenerate()
+  assert 'alpha = 0' in scaling.Law(E=1, A=1, alpha=0, B=1, beta=0.3).degenerate()
+  assert 'beta = 0' in scaling.Law(E=1, A=1, alpha=0.3, B=1, beta=0).degenerate()
+  assert 'overflow' in scaling.Law(E=1, A=1e300, alpha=1e-3, B=1e-300, beta=1e-3).degenerate()

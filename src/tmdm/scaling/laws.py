@@ -13,6 +13,14 @@ Compute-optimal frontier under C = 6 N D (minimize L at fixed C; Hoffmann et al.
   D*(N) = (beta B / (alpha A))^(1/beta) * N^(alpha/beta)
   N*(C) = G (C/6)^(beta/(alpha+beta)),  D*(C) = (C/6)^(alpha/(alpha+beta)) / G,
   G = (alpha A / (beta B))^(1/(alpha+beta))
+
+A sweep that does not constrain the law (losses flat within noise, one model size, one token count)
+is fitted all the same, but flagged: `determined: false` with `undetermined_reasons` in its entry
+(fit.json), a WARNING line in the printout, and `tmdm scaling plan` refuses it. The reasons: fewer
+than 3 distinct model sizes or token counts; a degenerate point fit; any degenerate bootstrap
+resample. A law with alpha = 0 or beta = 0 has no compute-optimal allocation (`Law.degenerate`);
+resamples that give one are counted (`degenerate_draws`) and left out of the intervals of the
+frontier exponents a and b.
 """
 
 import dataclasses
@@ -22,6 +30,8 @@ import math
 import os
 
 import numpy as np
+
+from tmdm import errors
 
 # L-BFGS-B calls BLAS on 5-vectors thousands of times; a multithreaded OpenBLAS spends ~15x longer
 # waking threads than computing (measured on 2 shared cores). Only applies if scipy loads here first.
@@ -58,6 +68,32 @@ class Law:
     """Coefficients as numpy floats: a degenerate law gives inf or 0 (with a warning), never an
     OverflowError or ZeroDivisionError from Python floats."""
     return (np.float64(x) for x in (self.A, self.alpha, self.B, self.beta))
+
+  def degenerate(self) -> str:
+    """Why this law has no finite compute-optimal allocation; '' when it has one."""
+    try:
+      with np.errstate(all='ignore'):
+        a, alpha, b, beta = self._f64()
+        if not all(np.isfinite(x) for x in (a, alpha, b, beta, self.E)):
+          return 'a coefficient is not finite'
+        if alpha + beta == 0:
+          return 'alpha + beta = 0: the loss falls with neither N nor D'
+        if alpha == 0:
+          return 'alpha = 0: the loss does not fall with N, so N* = 0'
+        if beta == 0:
+          return 'beta = 0: the loss does not fall with D, so N* is unbounded'
+        g = (alpha * a / (beta * b))**(1 / (alpha + beta))
+        if not (np.isfinite(g) and np.isfinite(1 / g) and g > 0):
+          return 'the compute-optimal allocation overflows'
+    except (OverflowError, ZeroDivisionError, FloatingPointError) as e:
+      return f'the compute-optimal allocation fails ({type(e).__name__})'
+    return ''
+
+  def exponents(self):
+    """(a, b): N*(C) ~ C^a and D*(C) ~ C^b; None when the law is degenerate."""
+    if self.degenerate():
+      return None, None
+    return self.beta / (self.alpha + self.beta), self.alpha / (self.alpha + self.beta)
 
   def tokens_for(self, n):
     """D*(N): the token count where the loss falls equally fast per FLOP in N and in D."""
@@ -160,12 +196,41 @@ def bootstrap(params, tokens, losses, *, theta, n_boot=100, seed=0, delta=HUBER_
 
 
 def intervals(laws, level=0.9):
-  """Percentile intervals of each coefficient and of the frontier exponents over bootstrap laws."""
+  """Percentile intervals of each coefficient over bootstrap laws, and of the frontier exponents over
+  the non-degenerate ones (none when every law is degenerate)."""
   lo, hi = 50 * (1 - level), 50 * (1 + level)
   table = {k: [getattr(law, k) for law in laws] for k in NAMES}
-  table['a'] = [law.beta / (law.alpha + law.beta) for law in laws]  # N*(C) ~ C^a
-  table['b'] = [law.alpha / (law.alpha + law.beta) for law in laws]  # D*(C) ~ C^b
+  exponents = [law.exponents() for law in laws if not law.degenerate()]
+  if exponents:
+    table['a'] = [a for a, _ in exponents]  # N*(C) ~ C^a
+    table['b'] = [b for _, b in exponents]  # D*(C) ~ C^b
   return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in table.items()}
+
+
+# The fewest distinct values of N (of D) that pin A and alpha (B and beta) apart from E: the N-term
+# is seen only through differences between sizes, two per coefficient pair.
+MIN_DISTINCT = 3
+
+
+def _distinct(x):
+  return len(np.unique(np.round(np.log(x), 9)))
+
+
+def undetermined_reasons(n, d, law, boots):
+  """Why these data do not determine the law ([] when nothing says so)."""
+  reasons = []
+  for values, what, coefs in ((n, 'model size', 'A, alpha'), (d, 'token count', 'B, beta')):
+    k = _distinct(values)
+    if k < MIN_DISTINCT:
+      reasons.append(f'only {k} distinct {what}{"s" if k != 1 else ""} ({MIN_DISTINCT} needed): {coefs} and E cannot '
+                     'be told apart')
+  if law.degenerate():
+    reasons.append(f'degenerate fitted law ({law.degenerate()})')
+  bad = [b.degenerate() for b in boots if b.degenerate()]
+  if bad:
+    common = max(set(bad), key=bad.count)
+    reasons.append(f'{len(bad)} of {len(boots)} bootstrap resamples give a degenerate law (most often {common})')
+  return reasons
 
 
 # Results files: one JSON object per finished run and modality.
@@ -206,13 +271,16 @@ def fit_results(rows, *, n_boot=100, level=0.9, seed=0, starts=64, delta=HUBER_D
     boots = (bootstrap(n, d, loss, theta=theta, n_boot=n_boot, seed=seed, delta=delta, starts=min(starts or 8, 8))
              if n_boot else [])
     residual = law.loss(n, d) - loss  # In loss units: how well the form describes these runs at all.
-    with np.errstate(all='ignore'):  # A degenerate fit may put the frontier at 0 or inf.
+    with np.errstate(all='ignore'):  # A degenerate fit may put the frontier at 0, inf or nan.
       frontier = law.frontier()
+    a, b = law.exponents()
+    reasons = undetermined_reasons(n, d, law, boots)
     entry = dict(law.as_dict(), points=len(group), objective=value, at_bound=at_bound(theta), huber_delta=delta,
                  rms_residual=float(np.sqrt(np.mean(residual**2))), max_residual=float(np.max(np.abs(residual))),
-                 a=law.beta / (law.alpha + law.beta), b=law.alpha / (law.alpha + law.beta), frontier=frontier,
+                 a=a, b=b, frontier=frontier, determined=not reasons, undetermined_reasons=reasons,
+                 degenerate_draws=sum(1 for x in boots if x.degenerate()),
                  interval_level=level, intervals=intervals(boots, level) if boots else {},
-                 bootstrap=[b.as_dict() for b in boots])
+                 bootstrap=[x.as_dict() for x in boots])
     report[modality] = entry
     log(describe(modality, entry))
   return report
@@ -228,8 +296,15 @@ def describe(modality, e):
            '  frontier: ' + ', '.join(f'{k} = {v["coef"]:.4g} x^{v["exponent"]:.3f}' for k, v in e['frontier'].items())
            + (f'  ({round(100 * e["interval_level"])}% bootstrap intervals over {len(e["bootstrap"])} resamples)'
               if e['bootstrap'] else '')]
+  if e['bootstrap'] and (e.get('degenerate_draws') or not e.get('determined', True)):
+    lines.append(f'  {e["degenerate_draws"]} of {len(e["bootstrap"])} bootstrap resamples gave a degenerate law '
+                 '(no compute-optimal allocation)' + ('; the intervals of a and b leave them out'
+                                                      if e['degenerate_draws'] else ''))
   if e['at_bound']:
     lines.append(f'  WARNING: {", ".join(e["at_bound"])} ended on the search bounds: not determined by these data')
+  if not e.get('determined', True):
+    lines.append(f'  WARNING: {modality}: the fit is not determined by these data: '
+                 f'{"; ".join(e["undetermined_reasons"])}. `tmdm scaling plan` will refuse it')
   return '\n'.join(lines)
 
 
@@ -237,17 +312,42 @@ def law_of(entry):
   return Law(**{k: entry[k] for k in NAMES})
 
 
+def _finite_or_none(x):
+  """A degenerate law's frontier holds inf and nan: written as null, so fit.json stays strict JSON."""
+  if isinstance(x, dict):
+    return {k: _finite_or_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite_or_none(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
 def write_fit(out_dir, report, source):
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'fit.json')
   with open(path, 'w', encoding='utf-8') as f:
     json.dump({'form': 'L(N, D) = E + A / N^alpha + B / D^beta', 'flops': 'C = 6 N D',
-               'source': source, 'modalities': report}, f, indent=1)
+               'source': source, 'modalities': _finite_or_none(report)}, f, indent=1, allow_nan=False)
   return path
 
 
-def plan(entry, flops, level=0.9):
+class Undetermined(errors.ConfigError):
+  """A fit flagged `determined: false`: no plan can be drawn from it."""
+
+
+def check_determined(entry, name, source='the fit'):
+  """Raises Undetermined for a fit flagged as not determined by its data (fits from before the flag
+  pass)."""
+  if not entry.get('determined', True):
+    reasons = '; '.join(entry.get('undetermined_reasons', [])) or 'flagged determined: false'
+    raise Undetermined(f'{source}: the {name} fit is not determined by its data: {reasons}. '
+                       'Refit on a sweep that constrains the law')
+
+
+def plan(entry, flops, level=0.9, name='this modality'):
   """Compute-optimal (N, D) for a budget, the predicted loss, and bootstrap intervals of N and D."""
+  check_determined(entry, name)
   law = law_of(entry)
   n, d = (float(x) for x in law.optimal(flops))
   out = dict(flops=float(flops), params=n, tokens=d, tokens_per_param=d / n, loss=float(law.loss(n, d)))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 from tmdm import errors
 from tmdm.scaling import laws as scaling, plots as scaling_plots
@@ -19,16 +20,22 @@ def command(args) -> int:
     if not report:
       raise errors.ConfigError(f'{args.results}: no modality has the 5 points a fit needs')
     print(f'wrote {scaling.write_fit(args.out, report, os.path.abspath(args.results))}')
-    for path in scaling_plots.write_all(args.out, rows, report):
+    with warnings.catch_warnings():
+      if not all(e['determined'] for e in report.values()):  # Its WARNING is printed: not numpy's on its nan/inf.
+        warnings.simplefilter('ignore', RuntimeWarning)
+      paths = scaling_plots.write_all(args.out, rows, report)
+    for path in paths:
       print(f'wrote {path}')
     return 0
   with open(args.fit, encoding='utf-8') as f:
     fits = json.load(f)['modalities']
   names = [args.modality] if args.modality else sorted(fits)
-  for name in names:
+  for name in names:  # Every check before any plan is printed.
     if name not in fits:
       raise errors.ConfigError(f'{args.fit} has no fit for modality {name!r} (has: {", ".join(fits)})')
-    p = scaling.plan(fits[name], args.flops, fits[name].get('interval_level', 0.9))
+    scaling.check_determined(fits[name], name, args.fit)
+  for name in names:
+    p = scaling.plan(fits[name], args.flops, fits[name].get('interval_level', 0.9), name)
     preset, preset_n = scaling.nearest_preset(p['params'])
     print(f'{name}: C = {p["flops"]:.3g} FLOPs -> N* = {p["params"]:.4g} non-embedding parameters, '
           f'D* = {p["tokens"]:.4g} tokens ({p["tokens_per_param"]:.1f} tokens/parameter), '
