@@ -5,7 +5,9 @@ is then exactly sum_i nll_i (docs/design.md 2.3: int_0^1 -alpha'(t) dt = 1 for e
 estimator `corruption.corrupt` + `loss.elbo_sums` averaged over many rows must reproduce it for every
 schedule, with complementary pairs on and off (each copy on its own too), stratified and uniform t.
 The truncations (corruption.py) cost at most 0.1% of it; the bound asserted is 1%, and each test
-checks that its own standard error makes that bound a real one (>= 4 standard errors).
+checks that its own standard error makes that bound a real one (>= 4 standard errors). A model whose
+loss depends on how much of its canvas is masked checks what the context-free one cannot: that the
+second copy's weight has the right second moment too, not only the right integral.
 """
 
 import functools
@@ -27,15 +29,18 @@ VOCAB = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'rows'))
-def _weighted_terms(rng, role_L, nll_L, *, cfg, rows):
+def _weighted_terms(rng, role_L, nll_L, context_b=0.0, *, cfg, rows):
   """Per row: sum of w * nll over masked positions, and the supervised count, for `rows` rows of
-  identical content (stacked twice when the config pairs them, as train_step does)."""
+  identical content (stacked twice when the config pairs them, as train_step does). The model's
+  -log p(x0_i | x_t) is nll_i + context_b * K / L, K the number of mask ids on its canvas x_t (a
+  traced argument, so context_b = 0 and the context-dependent test share one compiled program)."""
   B = 2 * rows if cfg.complementary else rows
   role_BL = jnp.broadcast_to(role_L, (B, L))
   modality_BL = jnp.broadcast_to(jnp.asarray(MODALITY_L), (B, L))
   tokens_BL = jnp.full((B, L), VOCAB.text_start, jnp.int32)
   c = corruption.corrupt(rng, tokens_BL, role_BL, modality_BL, cfg, VOCAB.mask_id)
-  nll_BL = jnp.broadcast_to(nll_L, (B, L))
+  k_B = jnp.sum(c['x_t_BL'] == VOCAB.mask_id, axis=1, dtype=jnp.float32)
+  nll_BL = nll_L[None, :] + context_b * k_B[:, None] / L
   term_B = jnp.sum(jnp.where(c['masked_BL'], c['weight_BL'] * nll_BL, 0.0), axis=1)
   # The public loss path gives the same total (the per-row split is for the standard error only).
   sums = loss_lib.elbo_sums(nll_BL, c['masked_BL'], c['weight_BL'], c['supervised_BL'], modality_BL)
@@ -65,6 +70,48 @@ def test_estimator_mean_is_the_analytic_elbo(name, complementary, t_sampling):
     assert abs(ratio - 1) < 0.01, f'{name} copy {copy}: estimator / analytic ELBO = {ratio:.4f} (se {se:.4f})'
   per_token = float(sums['elbo_sum'] / sums['count'])
   np.testing.assert_allclose(per_token, exact / L, rtol=0.01)
+
+
+# The context part of the next test's model: b (L + 1) / 2 = 124 against sum(NLL_L) = 138, so the
+# weight with a wrong second moment below (an extra -b (L - 1) / 24) moves the second copy by 3.8%, far
+# past the 1% bound. Not larger: the first copy's standard error grows with b, and at b = 8 it makes the
+# 1% bound no longer a real one (polynomial: 0.0026).
+CONTEXT_B = 4.0
+
+
+@pytest.mark.parametrize('complementary', [False, True])
+@pytest.mark.parametrize('name', sorted(schedules.SCHEDULES))
+def test_estimator_mean_with_a_context_dependent_model(name, complementary):
+  """A model whose -log p(x0_i | x_t) = a_i + b K / L, K the number of masked positions of its canvas.
+
+  The context-free test above cannot tell weights apart that share one integral: a copy masked at
+  rate r(t) with weight v(t) has mean E_t[v r] sum(a), so any v with E_t[v r] = 1 passes it. Here
+  the mean is also sensitive to E_t[v r^2], which the ELBO fixes.
+
+  Exact value, from equation (1) of corruption.py: at mask rate r, position i is masked with
+  probability r, and given that, K - 1 ~ Binomial(L - 1, r), so E[K | i masked] = 1 + (L - 1) r and
+    E[sum_masked nll | r] = sum_i r (a_i + b (1 + (L - 1) r) / L) = r (sum(a) + b (1 + (L - 1) r)).
+  Dividing by r and integrating r over [0, 1]: ELBO = sum(a) + b (1 + (L - 1) / 2) = sum(a) + b (L + 1) / 2.
+  The second copy of a pair is masked at rate alpha(t), so it is unbiased iff E_t[v alpha] = 1 and
+  E_t[v alpha^2] = 1/2; v = -alpha' / alpha gives int_0^1 a da = 1/2. Weights v = 1 / alpha
+  (E[v alpha^2] = int alpha dt: 2/pi for cosine) or -alpha' (1 / alpha + (2 - 3 alpha) / 2) (an extra
+  int_0^1 a^2 (2 - 3 a) / 2 da = -1/24) pass the context-free test and fail this one (but 1 / alpha
+  fails md4_cosine's there too, by 2%, through its cap: alpha vanishes quadratically at t = 1). With
+  alpha' = -1 (linear) 1 / alpha is the right weight, and log-linear's -alpha' is 1 - eps.
+  """
+  cfg = corruption.DiffusionConfig(schedules=(name,) * 3, complementary=complementary)
+  role_L = np.full((L,), vocab_lib.TARGET, np.int32)  # No condition: every mask id is an ELBO term.
+  term_B, count_B, sums = jax.device_get(
+      _weighted_terms(jax.random.PRNGKey(5), role_L, NLL_L, CONTEXT_B, cfg=cfg, rows=ROWS))
+  exact = float(NLL_L.astype(np.float64).sum()) + CONTEXT_B * (L + 1) / 2
+  np.testing.assert_array_equal(count_B, L)
+  copies = (term_B[:ROWS], term_B[ROWS:]) if complementary else (term_B,)
+  for copy, part in enumerate(copies):  # The second copy carries the pair weight: checked on its own.
+    ratio, se = _ratio_and_se(part, exact)
+    assert 4 * se < 0.01, f'too few draws for a 1% bound: standard error {se:.4f}'
+    assert abs(ratio - 1) < 0.01, f'{name} copy {copy}: estimator / exact ELBO = {ratio:.4f} (se {se:.4f})'
+  # And the public loss path (the pair's mean), per token.
+  np.testing.assert_allclose(float(sums['elbo_sum'] / sums['count']), exact / L, rtol=0.01)
 
 
 @pytest.mark.parametrize('name', ['cosine', 'polynomial'])
