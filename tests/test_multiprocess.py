@@ -17,7 +17,7 @@ import pytest
 
 from tmdm.config import loader as config_loader
 from tmdm.training import loop as train, metrics
-from helpers import REPO
+from helpers import REPO, run_and_resumed_step
 
 SMOKE = os.path.join(REPO, 'experiments', 'smoke.py')
 KV = {'train.num_steps': 6, 'train.log_every_steps': 1, 'checkpoint.every_steps': 3, 'train.eval_batches': 1,
@@ -64,22 +64,61 @@ def _rows(workdir):
   return ({r['step']: r for r in rows if 'loss' in r}, {r['step']: r for r in rows if 'eval/loss' in r})
 
 
+def _keep_checkpoints(workdir, up_to):
+  """As if the run had been killed right after checkpoint `up_to`: later checkpoints removed."""
+  folder = os.path.join(workdir, 'checkpoints')
+  for name in os.listdir(folder):
+    if name.isdigit() and int(name) > up_to:
+      shutil.rmtree(os.path.join(folder, name))
+
+
+def _assert_nothing_quarantined(workdir):
+  assert not os.path.exists(os.path.join(workdir, 'corrupt')), os.listdir(os.path.join(workdir, 'corrupt'))
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(text_data, tmp_path):
+def test_resumes_across_process_counts_and_meshes_continue_the_run(text_data, tmp_path):
+  """One run, 9 steps on 1 process x 8 devices (mesh data 2, fsdp 4; checkpoints at 3, 6, 9), is
+  the reference. Resumed from its step 3 on 2 processes x 4 devices (same mesh), from its step 6 on
+  2 x 4 with another mesh (2, 2, 2), and from the 2-process run's step 6 back on 1 x 8: each says the
+  step it resumed from, quarantines nothing (the fingerprint is exact on every topology) and
+  continues with the reference's losses (the masks are drawn from seed, step and row only)."""
+  kv = dict(KV, **{'train.num_steps': 9, 'checkpoint.keep': 5, 'mesh.data': 2, 'mesh.fsdp': 4})
   single = str(tmp_path / 'single')
-  cfg = config_loader.load(SMOKE, [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
+  cfg = config_loader.load(SMOKE, [f'--config.{k}={v}' for k, v in kv.items()], num_devices=8)
   cfg.data.root = text_data
   train.run(cfg, single)
+  ref, ref_eval = _rows(single)
 
-  multi = str(tmp_path / 'multi')
-  outs = _two_processes(multi, text_data)
+  def assert_continues(workdir, after):
+    got, got_eval = _rows(workdir)
+    np.testing.assert_allclose([got[s]['loss'] for s in range(after + 1, 10)],
+                               [ref[s]['loss'] for s in range(after + 1, 10)], rtol=2e-5)
+    np.testing.assert_allclose(got_eval[9]['eval/loss'], ref_eval[9]['eval/loss'], rtol=2e-5)
+    _assert_nothing_quarantined(workdir)
+
+  same = str(tmp_path / 'same_mesh')
+  shutil.copytree(single, same)
+  _keep_checkpoints(same, 3)
+  outs = _two_processes(same, text_data, kv)
   assert 'process 1 of 2, 4 local / 8 global devices' in outs[1]
-  shutil.rmtree(os.path.join(multi, 'checkpoints', '6'))  # as if killed after the step-3 checkpoint
-  outs = _two_processes(multi, text_data)
-  assert 'resumed from step 3' in outs[0]
-  (a, a_eval), (b, b_eval) = _rows(single), _rows(multi)
-  np.testing.assert_allclose([b[s]['loss'] for s in range(1, 7)], [a[s]['loss'] for s in range(1, 7)], rtol=2e-5)
-  np.testing.assert_allclose(b_eval[6]['eval/loss'], a_eval[6]['eval/loss'], rtol=2e-5)
+  assert all('resumed from step 3 ' in out for out in outs), outs[0][-3000:]
+  assert_continues(same, 3)
+
+  other = str(tmp_path / 'other_mesh')
+  shutil.copytree(single, other)
+  _keep_checkpoints(other, 6)
+  outs = _two_processes(other, text_data, dict(kv, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}))
+  assert all('resumed from step 6 ' in out for out in outs), outs[0][-3000:]
+  assert_continues(other, 6)
+
+  _keep_checkpoints(same, 6)  # Written by 2 processes: back on one.
+  assert _resume_in_process(same, cfg) == 6
+  assert_continues(same, 6)
+
+
+def _resume_in_process(workdir, cfg):
+  return run_and_resumed_step(lambda: train.run(cfg, workdir))
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ every process restores the same step.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 
 from tmdm import optim, storage
 from tmdm.errors import CheckpointError
@@ -56,6 +58,11 @@ class StateMismatch(CheckpointError):
   def __init__(self, step: int, detail: str, saved_config: dict):
     super().__init__(f'checkpoint {step} holds another train state: {detail}')
     self.step, self.detail, self.saved_config = step, detail, saved_config
+
+
+class DataLayoutMismatch(CheckpointError):
+  """The checkpoint's data-iterator states are of another data layout (data.num_shards): a config
+  change, never damage."""
 
 
 class RestoreFailed(CheckpointError):
@@ -153,6 +160,7 @@ class _Attempt:
   meta: Any = None
   state: Any = None
   data: Any = None
+  data_layout: bool = False  # A MISMATCH of the data-iterator layout, not of the train state.
 
 
 def _seen(attempt: _Attempt, step: int) -> int:
@@ -200,8 +208,8 @@ def gather_data_states(data_state: dict, num_shards: int) -> dict:
 def _owned_data_states(item: dict, shards) -> dict:
   """The iterator states of the shards this process owns, from a restored `data` item."""
   if item['num_shards'] != shards.num_shards:
-    raise FileNotFoundError(f'the checkpoint holds iterator states of {item["num_shards"]} data shards, this run '
-                            f'reads {shards.num_shards}; was data.num_shards changed?')
+    raise DataLayoutMismatch(f'it holds the iterator states of {item["num_shards"]} data shards, this run reads '
+                             f'{shards.num_shards}: set --config.data.num_shards={item["num_shards"]}')
   return {str(s): item['shards'][str(s)] for s in shards.indices}
 
 
@@ -212,15 +220,129 @@ def _read_legacy_data(directory, shards) -> dict:
     path = directory / f'shard_{shard}-of-{shards.num_shards}.json'
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir())
+      other = {m.group(1) for m in map(re.compile(r'shard_\d+-of-(\d+)\.json$').match, found) if m}
+      if other and str(shards.num_shards) not in other:
+        raise DataLayoutMismatch(f'it holds the iterator states of {"/".join(sorted(other))} data shards, this run '
+                                 f'reads {shards.num_shards}: set --config.data.num_shards={min(other, key=int)}')
       raise FileNotFoundError(f'no data-iterator state {path.name} in {directory} (found {found}); '
                               'was data.num_shards changed?')
     out[str(shard)] = json.loads(path.read_text())
   return out
 
 
-@jax.jit
+# The fingerprint: two wrapping uint32 sums per leaf over its bit patterns. Integer addition modulo
+# 2**32 is associative and commutative, so every reduction order (mesh, process count, device kind,
+# XLA or libtpu version) gives the same bits and nothing is rounded: a restore compares them exactly.
+# Each device sums its own shard under shard_map (global flat indices from its shard's offsets), in
+# chunks of at most _CHUNK_BYTES, and one psum of two words per leaf over the leaf's sharded mesh axes
+# follows: no leaf is gathered, and no temporary of a shard's size is made (XLA's CPU backend does not
+# fuse an elementwise product into a large reduction: summed whole, it would hold a copy of the shard).
+FINGERPRINT_KEY = 'fingerprint_u32'  # Meta key of the exact fingerprint ('fingerprint': the float one before it).
+_GOLDEN, _MIX = 0x9E3779B1, 0x85EBCA6B  # Odd multipliers (multiplicative hashing): spread, distinct weights.
+_CHUNK_BYTES = 1 << 24
+
+
+def _bits(x):
+  """x's bit patterns as uint32 (64-bit dtypes: a trailing axis of two words; PRNG keys: their data)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[np.dtype(x.dtype).itemsize]
+  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+
+
+def index_weight(index):
+  """The weight of the second sum at each flat index (uint32 in, uint32 out, wrapping)."""
+  h = index * jnp.uint32(_GOLDEN) + jnp.uint32(1)
+  return (h ^ (h >> 15)) * jnp.uint32(_MIX) | jnp.uint32(1)
+
+
+def _spec_axes(spec, ndim) -> list:
+  """Per dimension, the tuple of mesh axes it is split over."""
+  entries = list(spec) + [None] * (ndim - len(spec))
+  return [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries]
+
+
+def _shard_sums(x, axes, global_shape):
+  """(sum of bits, index-weighted sum of bits) of this device's shard `x` of a leaf of `global_shape`
+  split over `axes` (per dimension). Runs under shard_map."""
+  bits_shape = x.shape + ((2,) if np.dtype(x.dtype).itemsize == 8 else ())
+  full_shape = tuple(global_shape) + bits_shape[len(global_shape):]
+  offsets = []
+  for d, names in enumerate(axes):
+    coord = jnp.uint32(0)
+    for name in names:
+      coord = coord * jnp.uint32(jax.lax.axis_size(name)) + jax.lax.axis_index(name).astype(jnp.uint32)
+    offsets.append(coord * jnp.uint32(x.shape[d]))
+  offsets += [jnp.uint32(0)] * (len(bits_shape) - len(offsets))
+  strides = [int(np.prod(full_shape[d + 1:], dtype=np.int64)) % 2**32 for d in range(len(full_shape))]
+
+  def sums(block, start0):  # block: rows start0.. of the shard along dimension 0.
+    bits = _bits(block)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for d in range(bits.ndim):
+      first = offsets[d] + (start0 if d == 0 else jnp.uint32(0))
+      index = index + (jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) + first) * jnp.uint32(strides[d])
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * index_weight(index), dtype=jnp.uint32)])
+
+  nbytes = x.size * np.dtype(x.dtype).itemsize
+  if x.ndim == 0 or nbytes <= _CHUNK_BYTES:
+    return sums(x, jnp.uint32(0))
+  row_bytes = nbytes // x.shape[0]
+  rows = max([k for k in range(1, x.shape[0] + 1) if x.shape[0] % k == 0 and k * row_bytes <= _CHUNK_BYTES],
+             default=1)
+
+  def body(i, total):
+    block = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=0)
+    return total + sums(block, (i * rows).astype(jnp.uint32))
+  first = sums(jax.lax.slice_in_dim(x, 0, rows, axis=0), jnp.uint32(0))  # (Typed like the shard: varying.)
+  return jax.lax.fori_loop(1, x.shape[0] // rows, body, first)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint_program(mesh, layout):
+  """The jitted fingerprint of leaves with `layout`: ((shape, dtype, per-dimension axes), ...)."""
+  def local(*shards):
+    out = []
+    for x, (shape, _, axes) in zip(shards, layout):
+      s = _shard_sums(x, axes, shape)
+      split = tuple(sorted({name for names in axes for name in names}))
+      out.append(jax.lax.psum(s, split) if split else s)
+    return jnp.stack(out)
+  specs = tuple(P(*[names or None for names in axes]) for _, _, axes in layout)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P()))
+
+
 def fingerprint(tree):
-  """Two sums per array leaf (plain, and weighted by a fixed cosine): [n_leaves, 2] float32."""
+  """[n_leaves, 2] uint32: per array leaf, the wrapping sum of its bit patterns and their sum
+  weighted by a hash of each element's flat index. Exact, the same on every mesh, process count and
+  backend. Leaves sharded by a NamedSharding are summed where they live (leaves without one are
+  taken as replicated on the first leaf's mesh, or on one device)."""
+  program, leaves = fingerprint_program(tree)
+  return program(*leaves)
+
+
+def fingerprint_program(tree):
+  """(jitted program, leaves): fingerprint(tree) is program(*leaves); leaves may be ShapeDtypeStructs
+  with shardings, for lowering and memory analysis."""
+  leaves = jax.tree.leaves(tree)
+  named = [x.sharding for x in leaves if isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding)]
+  mesh = named[0].mesh if named else jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ('one',))
+  layout = []
+  for x in leaves:
+    sh = getattr(x, 'sharding', None)
+    spec = sh.spec if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh else P()
+    layout.append((tuple(x.shape), np.dtype(x.dtype).name if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                   else str(x.dtype), tuple(_spec_axes(spec, len(x.shape)))))
+  return _fingerprint_program(mesh, tuple(layout)), leaves
+
+
+@jax.jit
+def legacy_float_fingerprint(tree):
+  """The fingerprint of checkpoints written before FINGERPRINT_KEY: two float32 sums per leaf (plain,
+  and weighted by a fixed cosine). Their order of summation moves the last bits, so a restore compares
+  it within a tolerance; it gathers each leaf, which only restores of such old checkpoints pay."""
   def two_sums(x):
     x = x.astype(jnp.float32).reshape(-1)
     w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.6180339887)
@@ -228,13 +350,18 @@ def fingerprint(tree):
   return jnp.stack([two_sums(x) for x in jax.tree.leaves(tree)])
 
 
-def _fingerprint_matches(saved, now, same_mesh: bool) -> bool:
-  saved, now = np.asarray(saved, np.float64), np.asarray(now, np.float64)
-  if saved.shape != now.shape:
-    return False
-  if same_mesh:  # Same program, same partitioning: the sums are bitwise reproducible.
-    return bool(np.array_equal(saved, now))
-  return bool(np.allclose(saved, now, rtol=1e-5, atol=1e-6))
+def verify_fingerprint(meta: dict, state) -> bool | None:
+  """Whether `state` matches the fingerprint in its checkpoint's meta: the exact one bit for bit, a
+  legacy float one within float32 summation noise; None when the meta holds none."""
+  if FINGERPRINT_KEY in meta:
+    saved = np.asarray(meta[FINGERPRINT_KEY], np.uint64)
+    now = np.asarray(fingerprint(state), np.uint64)
+    return saved.shape == now.shape and bool(np.array_equal(saved, now))
+  if 'fingerprint' in meta:
+    saved = np.asarray(meta['fingerprint'], np.float64)
+    now = np.asarray(legacy_float_fingerprint(state), np.float64)
+    return saved.shape == now.shape and bool(np.allclose(saved, now, rtol=1e-5, atol=1e-6))
+  return None
 
 
 def _single_process_array_writes():
@@ -285,9 +412,13 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._json_handler.restore(self._step_dir(step) / 'meta', args=ocp.args.JsonRestore())
 
+  def read_config(self, step: int) -> dict:
+    """The resolved config saved with `step` (the one its state was trained with)."""
+    return self._json_handler.restore(self._step_dir(step) / 'config', args=ocp.args.JsonRestore())
+
   def save(self, step: int, state, data_state, num_shards: int, config: dict, meta: dict):
     """Starts a (background) save; raises CheckpointError if this or an earlier save failed."""
-    meta = dict(meta, step=step, time=time.time(), fingerprint=np.asarray(fingerprint(state)).tolist())
+    meta = dict(meta, step=step, time=time.time(), **{FINGERPRINT_KEY: np.asarray(fingerprint(state)).tolist()})
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(gather_data_states(data_state, num_shards)),
                               config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
@@ -300,7 +431,7 @@ class Checkpointer:
 
   def _read(self, step, abstract_state, shards) -> _Attempt:
     """This process's part of a restore, without collectives (a failure cannot strand the others)."""
-    folder = self._step_dir(step)
+    folder, meta = self._step_dir(step), None
     try:
       meta = self.read_meta(step)
       mismatch = tree_mismatch(self._state_handler.metadata(folder / 'state').tree, abstract_state)
@@ -309,6 +440,8 @@ class Checkpointer:
       state = self._state_handler.restore(folder / 'state', args=ocp.args.StandardRestore(abstract_state))
       data = self._read_data(folder / 'data', shards)
       return _Attempt(OK, '', meta, state, data)
+    except DataLayoutMismatch as e:
+      return _Attempt(MISMATCH, str(e), meta, data_layout=True)
     except Exception as e:  # pylint: disable=broad-except  (sorted into corrupt / failed, never ignored)
       return _Attempt(CORRUPT if proves_corruption(e) else FAILED, _describe(e))
 
@@ -317,33 +450,32 @@ class Checkpointer:
       return _read_legacy_data(directory, shards)
     return _owned_data_states(self._json_handler.restore(directory, args=ocp.args.JsonRestore()), shards)
 
-  def _verify(self, attempt: _Attempt, mesh_shape) -> _Attempt:
+  def _verify(self, attempt: _Attempt) -> _Attempt:
     """The fingerprint check (a computation over all processes' devices)."""
     try:
-      saved = attempt.meta.get('fingerprint')
-      if saved is None:  # Written before fingerprints: nothing to check against, no proof of damage.
+      matches = verify_fingerprint(attempt.meta, attempt.state)
+      if matches is None:  # Written before fingerprints: nothing to check against, no proof of damage.
         log.warning('checkpoint meta has no fingerprint; the restored state is not verified')
         return attempt
-      same_mesh = list(attempt.meta.get('mesh', [])) == list(mesh_shape)
-      if _fingerprint_matches(saved, fingerprint(attempt.state), same_mesh):
+      if matches:
         return attempt
       return _Attempt(CORRUPT, 'the state does not match the fingerprint written with it (damaged or tampered files)')
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: proves nothing)
       return _Attempt(FAILED, _describe(e))
 
-  def _attempt(self, step, abstract_state, mesh_shape, shards) -> _Attempt:
+  def _attempt(self, step, abstract_state, shards) -> _Attempt:
     """Reads and verifies `step`; every process ends with the same kind."""
     attempt = self._read(step, abstract_state, shards)
     kind = _worst(_seen(attempt, step))
     if kind == OK:
-      attempt = self._verify(attempt, mesh_shape)
+      attempt = self._verify(attempt)
       kind = _worst(_seen(attempt, step))
     if kind != attempt.kind:
       here = f'; here: {attempt.reason}' if attempt.reason else ''
       return _Attempt(kind, f'another process failed on it (see its log){here}', attempt.meta)
     return attempt
 
-  def restore_latest_good(self, abstract_state, mesh_shape, shards):
+  def restore_latest_good(self, abstract_state, shards):
     """(state, data_state, meta, step) of the newest checkpoint that restores and matches its
     fingerprint, or None when there is no checkpoint. Proven-corrupt steps are moved aside, not
     deleted; StateMismatch, RestoreFailed and NothingRestorable otherwise (module docstring).
@@ -351,9 +483,12 @@ class Checkpointer:
     moved = []
     step = _from_process_0(max(self.steps(), default=-1))
     while step >= 0:
-      attempt = self._attempt(step, abstract_state, mesh_shape, shards)
+      attempt = self._attempt(step, abstract_state, shards)
       if attempt.kind == OK:
         return attempt.state, attempt.data, attempt.meta, step
+      if attempt.kind == MISMATCH and attempt.data_layout:
+        raise DataLayoutMismatch(f'checkpoint {step} in {self.directory} does not fit this run\'s data: '
+                                 f'{attempt.reason} (nothing was moved)')
       if attempt.kind == MISMATCH:
         raise StateMismatch(step, attempt.reason, (attempt.meta or {}).get('config', {}))
       if attempt.kind == FAILED:
