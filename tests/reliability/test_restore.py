@@ -17,7 +17,8 @@ import pytest
 from tmdm import errors
 from tmdm.config import checks as config_checks, loader as config_loader
 from tmdm.data import shards as shards_lib
-from tmdm.training import checkpoint, loop as train
+from tmdm.generation import generate
+from tmdm.training import checkpoint, loop as train, metrics
 from helpers import run_and_resumed_step
 from test_faults import SMOKE, _cfg, _largest_file
 
@@ -200,3 +201,91 @@ def test_legacy_per_shard_data_item_resumes_like_the_standard_one(text_data, run
   legacy, want = _metric_rows(run_dir, 4), _metric_rows(standard, 4)
   assert [s for s, _ in want] == [5, 6] and legacy == want
   assert _quarantined(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_writer_that_fails_to_close_does_not_lose_the_last_checkpoint(text_data, tmp_path, monkeypatch):
+  """The metric writer's close raises (a TensorBoard upload that times out): the saver still waits
+  for the background save of the last step, which is committed and restorable; the error is raised
+  after that."""
+  def timed_out(self):
+    raise OSError(errno.ETIMEDOUT, 'upload timed out')
+  monkeypatch.setattr(metrics.MetricWriter, 'close', timed_out)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(OSError, match='upload timed out'):
+    train.run(_cfg(text_data, **dict(BASE, **{'train.num_steps': 3, 'checkpoint.every_steps': 3,
+                                              'checkpoint.async_save': 'true'})), workdir)
+  assert _checkpoints(workdir) == ['3']  # Committed: no temporary folder left.
+  monkeypatch.undo()
+  assert _resume(text_data, workdir, **{'train.num_steps': 4}) == 3
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_run_as_it_was(text_data, run_dir):
+  """A resume refused for a changed model rewrites nothing: config.json keeps its bytes, and sampling
+  and evaluation (which read the config saved with the checkpoint) still open the run."""
+  with open(os.path.join(run_dir, 'config.json'), 'rb') as f:
+    before = f.read()
+  with pytest.raises(errors.ConfigError, match='model.d_model=64 but the config says 32'):
+    train.run(_cfg(text_data, **dict(BASE, **{'model.d_model': 32})), run_dir)
+  with open(os.path.join(run_dir, 'config.json'), 'rb') as f:
+    assert f.read() == before
+  ctx = generate.Context.from_workdir(run_dir, ['--config.mesh.data=-1'])
+  assert ctx.step == 4 and ctx.cfg.model.d_model == 64
+  # Even a config.json edited by hand cannot make the checkpoint unreadable: its own config rules.
+  edited = json.loads(before)
+  edited['model']['d_model'] = 32
+  with open(os.path.join(run_dir, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(edited, f)
+  assert generate.Context.from_workdir(run_dir).cfg.model.d_model == 64
+  assert _quarantined(run_dir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('newest_meta', ['readable', 'unreadable'])
+def test_changed_num_shards_is_one_line_and_moves_nothing(text_data, run_dir, newest_meta):
+  """data.num_shards changed: one line naming the key, nothing moved, also when the newest step's
+  meta cannot be read (then the older step's meta names it; its data item must not pass for damage)."""
+  if newest_meta == 'unreadable':
+    with open(os.path.join(run_dir, 'checkpoints', '4', 'meta', 'metadata'), 'w', encoding='utf-8') as f:
+      f.write('{"cut short')
+  with pytest.raises(errors.ConfigError, match=r'data shards, this run has 2: set --config.data.num_shards=1') as e:
+    train.run(_cfg(text_data, **dict(BASE, **{'data.num_shards': 2})), run_dir)
+  assert '\n' not in str(e.value)
+  assert _checkpoints(run_dir) == ['2', '4'] and _quarantined(run_dir) == []
+
+
+def test_data_layout_change_is_a_mismatch_not_damage():
+  """Below the config check: a data item of another shard count raises DataLayoutMismatch, which no
+  restore counts as proof of damage."""
+  item = {'num_shards': 1, 'shards': {'0': {'x': 1}}}
+  with pytest.raises(checkpoint.DataLayoutMismatch, match='set --config.data.num_shards=1') as e:
+    checkpoint._owned_data_states(item, shards_lib.DataShards((0,), 2))  # pylint: disable=protected-access
+  assert not checkpoint.proves_corruption(e.value)
+
+
+def test_changed_mixture_components_are_one_config_line():
+  saved = config_loader.load(SMOKE, num_devices=8).to_dict()
+  cfg = _cfg('unused')
+  cfg.data.mix_image = 0.3
+  with pytest.raises(errors.ConfigError, match=r'data.mix_image \(0.0 in the checkpoint, 0.3 now\)'):
+    train._check_resumable({'config': saved}, cfg, {}, shards_lib.DataShards((0,), 1), 'ckpt')  # pylint: disable=protected-access
+  cfg.data.mix_image, cfg.data.mix_text = 0.0, 0.5  # Weights of the same components may change.
+  train._check_resumable({'config': saved}, cfg, {}, shards_lib.DataShards((0,), 1), 'ckpt')  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_a_checkpoint_steps_metrics_row_is_on_file_before_its_save(text_data, tmp_path, monkeypatch):
+  """A kill between the save and the next row cannot lose the checkpoint step's row: when a save
+  starts, the metrics file already holds that step's training row (and its evaluation row)."""
+  seen, real_save = {}, checkpoint.Checkpointer.save
+
+  def save(self, step, *args, **kwargs):
+    rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    seen[step] = ({r['step'] for r in rows if 'loss' in r}, {r['step'] for r in rows if 'eval/loss' in r})
+    return real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
+  workdir = str(tmp_path / 'run')
+  train.run(_cfg(text_data, **dict(BASE, **{'train.eval_every_steps': 2, 'train.eval_batches': 1})), workdir)
+  assert sorted(seen) == [2, 4]
+  assert 2 in seen[2][0] and 2 in seen[2][1] and 4 in seen[4][0]  # Step 4 is the last: its evaluation comes after.

@@ -44,14 +44,37 @@ def _merge(base, saved: dict, where=''):
       base[key] = tuple(value) if isinstance(base[key], tuple) else value
 
 
-def load_workdir_config(workdir, overrides=()):
-  path = storage.join(workdir, 'config.json')
-  if not storage.isfile(path):
-    raise errors.ConfigError(f'{workdir} is not a training workdir ({path} is missing)')
-  saved = json.loads(storage.read_text(path))
+def _config_from(saved: dict, overrides=()):
   cfg = base_config.get_config()
   _merge(cfg, saved)  # The run's own settings, sample.* included; command-line overrides win.
   return config_loader.apply_overrides(cfg, overrides)
+
+
+def load_workdir_config(workdir, overrides=()):
+  """The run's config.json with `overrides` applied (what a run was started with)."""
+  path = storage.join(workdir, 'config.json')
+  if not storage.isfile(path):
+    raise errors.ConfigError(f'{workdir} is not a training workdir ({path} is missing)')
+  return _config_from(json.loads(storage.read_text(path)), overrides)
+
+
+def checkpoint_config(workdir, overrides=()):
+  """(config, Checkpointer, step) for sampling and evaluation: the config saved inside the newest
+  checkpoint (the one its weights were trained with), config.json's when the run has none or it
+  cannot be read; `overrides` applied last."""
+  cfg = load_workdir_config(workdir, overrides)
+  ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(storage.absolute(workdir), 'checkpoints'),
+                                     keep=1, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    return cfg, ckpt, None
+  try:
+    saved = ckpt.read_config(step)
+  except Exception as e:  # pylint: disable=broad-except  (the restore itself will tell what is wrong)
+    log.warning('cannot read the config saved with checkpoint %d (%s); using %s', step, e,
+                storage.join(workdir, 'config.json'))
+    return cfg, ckpt, step
+  return _config_from(saved, overrides), ckpt, step
 
 
 @dataclasses.dataclass
@@ -77,17 +100,17 @@ class Context:
 
   @classmethod
   def from_workdir(cls, workdir, overrides=()):
-    cfg = load_workdir_config(workdir, overrides)
+    cfg, ckpt, step = checkpoint_config(workdir, overrides)
     try:
       mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
     except errors.ConfigError:  # Sampling on other hardware than training: plain data parallel.
       cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
     s = setup_lib.build(cfg, with_optimizer=False)
-    ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(storage.absolute(workdir), 'checkpoints'),
-                                       keep=1, async_save=False)
-    params, step, ema = ckpt.restore_params(train_state.abstract_params(s.model, s.sharder, s.seq_len),
-                                            ema=cfg.sample.ema)
-    ckpt.close()
+    try:
+      params, step, ema = ckpt.restore_params(train_state.abstract_params(s.model, s.sharder, s.seq_len),
+                                              ema=cfg.sample.ema, step=step)
+    finally:
+      ckpt.close()
     log.info('restored step %d of %s%s', step, workdir, ' (weight EMA)' if ema else '')
     return cls(s, params, step)
 

@@ -50,6 +50,13 @@ def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
   if meta.get('num_shards', shards.num_shards) != shards.num_shards:
     raise errors.ConfigError(f'the checkpoint in {ckpt_dir} was written with {meta["num_shards"]} data shards, '
                                  f'this run has {shards.num_shards}: set --config.data.num_shards={meta["num_shards"]}')
+  saved_data = meta.get('config', {}).get('data', {})
+  was = sorted(k for k in mixture.COMPONENTS if saved_data.get(f'mix_{k}', 0) > 0)
+  if saved_data and was != sorted(mixture.weights(cfg)):  # The iterator state holds one state per component.
+    keys = ', '.join(f'data.mix_{k} ({saved_data.get(f"mix_{k}", 0)!r} in the checkpoint, {cfg.data[f"mix_{k}"]!r} '
+                     'now)' for k in mixture.COMPONENTS if (k in was) != (cfg.data[f'mix_{k}'] > 0))
+    raise errors.ConfigError(f'the checkpoint in {ckpt_dir} was trained on another data mixture: {keys}; its '
+                             'data-iterator state cannot be resumed: set them back or use a new --workdir')
 
 
 def _mismatch_error(e: checkpoint_lib.StateMismatch, cfg, ckpt_dir) -> errors.ConfigError:
@@ -66,7 +73,9 @@ def _restore(s: setup_lib.Setup, ckpt, shards):
   """restore_latest_good's answer, with its refusals in the config's terms."""
   target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
   try:
-    return ckpt.restore_latest_good(target, s.mesh_shape.as_tuple(), shards)
+    return ckpt.restore_latest_good(target, shards)
+  except checkpoint_lib.DataLayoutMismatch as e:
+    raise errors.ConfigError(str(e)) from None
   except checkpoint_lib.StateMismatch as e:
     raise _mismatch_error(e, s.cfg, ckpt.directory) from None
   except checkpoint_lib.NothingRestorable as e:
@@ -78,22 +87,34 @@ def _restore(s: setup_lib.Setup, ckpt, shards):
     return None
 
 
+def _newest_readable_meta(ckpt):
+  """The meta of the newest step whose meta reads (an unreadable one is left to the restore, which
+  proves it damaged or not); None when there is none."""
+  for step in sorted(ckpt.steps(), reverse=True):
+    try:
+      return ckpt.read_meta(step)
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return None
+
+
 def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, restore_data=True):
   """(state, first step): the newest good checkpoint, or a fresh sharded init when there is no
   checkpoint (or none restores and checkpoint.allow_fresh_start is set)."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    try:
-      meta = ckpt.read_meta(latest)
-    except Exception:  # pylint: disable=broad-except  (unreadable meta: restore_latest_good handles it)
-      meta = {}
+  meta = _newest_readable_meta(ckpt)
+  if meta is not None:  # Config changes are named before any step is read, so none can pass for damage.
     _check_resumable(meta, s.cfg, manifests, shards, ckpt.directory)
   found = _restore(s, ckpt, shards)
   if found is None:
     return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
   state, data_state, _, step = found
   if restore_data:
-    data_iter.set_state(data_state)
+    try:
+      data_iter.set_state(data_state)
+    except Exception as e:  # pylint: disable=broad-except  (a pipeline change; the checkpoint read fine)
+      raise errors.ConfigError(f'the data-iterator state of checkpoint {step} in {ckpt.directory} does not fit '
+                               f'this run\'s data pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                               'was the data mixture changed? (nothing was moved)') from None
   log.info('resumed from step %d in %s', step, ckpt.directory)
   return state, step
 
@@ -179,6 +200,8 @@ class Saver:
         raise
       self.window.failed_saves += 1
       log.error('%s -- TRAINING CONTINUES WITHOUT THIS CHECKPOINT (checkpoint.on_error=warn)', e)
+      # A row of its own: the step's training row was written before this save was tried.
+      self.window.writer.write(step, {'checkpoint/failed_saves': self.window.failed_saves})
 
   def close(self):
     """Finishes the background saves whatever stopped the loop: the last good checkpoint counts."""
@@ -232,6 +255,20 @@ def run(cfg, workdir: str, *, generation_eval: GenerationEval | None = None) -> 
   raise AssertionError('unreachable')
 
 
+def _close_all(*closers):
+  """Calls every closer whatever the others raise (a metric writer whose upload times out must not
+  keep the saver from finishing), then raises the first error unless another is already on its way."""
+  failed = []
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except  (reported below, after every closer ran)
+      log.error('while stopping: %s: %s', type(e).__name__, e)
+      failed.append(e)
+  if failed and sys.exc_info()[0] is None:
+    raise failed[0]
+
+
 def _write_config(cfg, workdir):
   if jax.process_index() == 0:
     storage.makedirs(workdir)
@@ -254,7 +291,6 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   primary = jax.process_index() == 0
   manifests = shards_lib.check_data(cfg)
   s = setup_lib.build(cfg)
-  _write_config(cfg, workdir)
 
   shards = shards_lib.owned(cfg)
   data_iter, skips = shards_lib.train_iterator(cfg, s.vocab, shards)
@@ -262,6 +298,7 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(workdir, 'checkpoints'),
                                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
+  _write_config(cfg, workdir)  # Only now: a refused resume leaves the run's config.json as it was.
   meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
           'num_shards': shards.num_shards}
 
@@ -303,23 +340,26 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
         if checkpoint_due or stopping:
           if flags.previous is not None:  # Stopping between checkpoints: this step's streak flag first.
             flags.now(metrics, done)
-          saver.save(done, state, data_state)
+          last = window.flush() or last  # The step's row is on file before its checkpoint commits.
         if stopping:
+          saver.save(done, state, data_state)
           log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.reason, done)
           break
         if t.eval_every_steps and done % t.eval_every_steps == 0 and done < t.num_steps:
           writer.write(done, validation.evaluate(eval_fn, state.params, val, cfg.seed + 1))
         if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
           writer.write(done, generation_eval(s, state.params, done))
+        if checkpoint_due:  # After the step's evaluations, so that a resume from it has their rows too.
+          saver.save(done, state, data_state)
+          if window.failed_saves:
+            last['checkpoint/failed_saves'] = window.failed_saves
       last = window.flush() or last
       if val and not preemption.stop:
         final_eval = validation.evaluate(eval_fn, state.params, val, cfg.seed + 1)
         writer.write(t.num_steps, final_eval)
         last.update(final_eval)
   finally:
-    bar.close()
-    writer.close()
-    saver.close()
+    _close_all(saver.close, writer.close, bar.close)  # The saver first: the last checkpoint matters most.
   if preemption.stop:
     last['preempted'] = 1.0
   return last
