@@ -77,6 +77,59 @@ def test_storage_on_the_server(gcs, tmp_path):
     assert open(path, 'rb').read() == b'\x00\x01'
 
 
+def _no_reads_through_this_process(monkeypatch):
+  """Makes every object read through gcsfs (opened for reading, or fetched whole) fail."""
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  real_open = gcsfs.GCSFileSystem._open  # pylint: disable=protected-access
+
+  def refused(*args, **kwargs):
+    raise AssertionError('an object was read through this process')
+
+  def open_for_writing_only(self, path, mode='rb', *args, **kwargs):
+    if 'r' in mode:
+      refused()
+    return real_open(self, path, mode, *args, **kwargs)
+  monkeypatch.setattr(gcsfs.GCSFileSystem, '_open', open_for_writing_only)
+  monkeypatch.setattr(gcsfs.GCSFileSystem, '_cat_file', refused)
+
+
+def test_quarantine_in_a_bucket_copies_on_the_server(gcs, monkeypatch):
+  """A checkpoint in the bucket whose meta is damaged is moved into corrupt/ by the server (GCS's
+  rewrite): no object passes through this process, every object arrives, and the previous step
+  restores."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tmdm.data import shards as shards_lib  # pylint: disable=import-outside-toplevel
+  from tmdm.training import checkpoint  # pylint: disable=import-outside-toplevel
+  root = f'{gcs}/quarantine'
+  ckpt = checkpoint.Checkpointer(f'{root}/checkpoints', keep=3, async_save=False)
+  state = {'w': jax.numpy.arange(7 * 11, dtype=jax.numpy.float32).reshape(7, 11)}
+  for step in (1, 2):
+    ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, state), {'0': {'step': step}}, 1, {}, {})
+  ckpt.wait()
+  step_2 = f'{root}/checkpoints/2'
+  names = sorted(storage.relative(p, step_2) for p in _objects(step_2))
+  storage.write_text(f'{step_2}/meta/metadata', '{"cut short')
+  real_move = storage.move
+
+  def move_without_reads(src, dst):
+    with monkeypatch.context() as m:
+      _no_reads_through_this_process(m)
+      real_move(src, dst)
+  monkeypatch.setattr(storage, 'move', move_without_reads)
+  restored, data, _, step = ckpt.restore_latest_good(state, shards_lib.DataShards((0,), 1))
+  assert step == 1 and data == {'0': {'step': 1}} and np.array_equal(np.asarray(restored['w']), np.asarray(state['w']))
+  [moved] = ckpt.quarantined()
+  assert moved.startswith('2-') and ckpt.steps() == [1]
+  assert sorted(storage.relative(p, f'{root}/corrupt/{moved}') for p in _objects(f'{root}/corrupt/{moved}')) == names
+  ckpt.close()
+
+
+def _objects(prefix):
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs, path = fsspec.core.url_to_fs(prefix)
+  return [f'gs://{p}' for p in fs.find(path)]
+
+
 def test_metrics_parts_lose_nothing_and_resume_drops_later_steps(gcs, monkeypatch):
   monkeypatch.setattr(metrics, 'PART_LINES', 3)
   workdir = f'{gcs}/metrics-run'

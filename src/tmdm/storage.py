@@ -6,7 +6,7 @@ neighbours, metrics, datasets, tokenizers, galleries), so `--workdir=gs://bucket
 path and never a local folder named `gs:`. Object stores differ from disks in three ways this module
 hides or states: an object is written whole (no append: `write_text` replaces, and the metrics writer
 writes bounded parts), a "folder" is a name prefix (`makedirs` is a no-op for them), and a move is a
-copy then a delete (`move`). Recursive globbing is refused on gs://, so nothing here globs.
+server-side copy then a delete (`move`). Recursive globbing is refused on gs://, so nothing here globs.
 """
 
 import contextlib
@@ -152,12 +152,22 @@ def copytree(src, dst, last: str = ''):
 
 
 def move(src, dst):
-  """Moves a file or folder; on an object store a copy of every object, then a delete."""
+  """Moves a file or folder. Within one object store each object is copied by the server (GCS's
+  rewrite: no byte passes through this process, however large the files) and then deleted."""
   makedirs(parent(dst))
   if not is_url(src) and not is_url(dst):
     shutil.move(src, dst)
     return
-  src_p = as_path(src)
+  import fsspec  # pylint: disable=import-outside-toplevel  (only with a URL, as epath does)
+  src_fs, src_path = fsspec.core.url_to_fs(str(src))
+  dst_fs, dst_path = fsspec.core.url_to_fs(str(dst))
+  if type(src_fs) is type(dst_fs):  # pylint: disable=unidiomatic-typecheck
+    files = src_fs.find(src_path) if src_fs.isdir(src_path) else [src_path]
+    for f in files:  # Objects one by one: fsspec's recursive copy nests or not by whether dst exists.
+      src_fs.copy(f, dst_path + f[len(src_path):])
+    src_fs.rm(src_path, recursive=True)
+    return
+  src_p = as_path(src)  # Across stores (disk to bucket or back): through this process.
   if src_p.is_dir():
     for child in sorted(src_p.iterdir(), key=lambda c: c.name):
       move(str(child), join(dst, child.name))
