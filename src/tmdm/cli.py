@@ -130,6 +130,22 @@ def study(args, overrides):
   return study_lib.command(args)
 
 
+def goodput(args, overrides):
+  from tmdm import storage  # pylint: disable=import-outside-toplevel
+  from tmdm.training import goodput as goodput_lib  # pylint: disable=import-outside-toplevel
+  if overrides:
+    raise errors.ConfigError('tmdm goodput takes no --config overrides')
+  try:
+    s = goodput_lib.summary(args.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise errors.ConfigError(str(e)) from None
+  print(goodput_lib.table(s))
+  out = args.out or storage.join(args.workdir, 'goodput.png')
+  goodput_lib.plot_timeline(s, out)
+  print(f'timeline: {out}')
+  return 0
+
+
 # The arguments of each subcommand.
 
 def _config_arg(p, required=True):
@@ -264,6 +280,11 @@ def _study_args(p):
                                            '(e.g. eval/loss/image:data.mix_image) instead of by setting')
 
 
+def _goodput_args(p):
+  p.add_argument('workdir', help='a training workdir (local or gs://)')
+  p.add_argument('--out', default='', help='the timeline PNG (default: WORKDIR/goodput.png)')
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   help: str
@@ -284,6 +305,8 @@ COMMANDS = {
     'compile-check': Command('compile the train step for a mesh without allocating it; print memory and FLOPs',
                              _compile_check_args, compile_check),
     'scaling': Command('fit scaling laws to sweep results; plan a compute-optimal run', _scaling_args, scaling),
+    'goodput': Command('where a run\'s wall time went, by cause, across restarts: a table and a timeline PNG',
+                       _goodput_args, goodput),
     'study': Command('report a design-space study: a sweep as a table over seeds and a figure', _study_args, study),
 }
 

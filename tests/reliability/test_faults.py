@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from tmdm import errors
+from tmdm import cli, errors
 from tmdm.config import loader as config_loader
 from tmdm.data import pipeline, store
-from tmdm.training import checkpoint, loop as train, metrics, resilience, setup as setup_lib
+from tmdm.training import checkpoint, goodput, loop as train, metrics, resilience, setup as setup_lib
 from helpers import run_and_resumed_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,11 +101,29 @@ def test_kill9_resumes_bitwise_from_last_complete_checkpoint(text_data, tmp_path
     proc.kill()
     proc.wait()
     saved = _saved_steps(workdir)
-    train.run(_cfg(text_data, **kv), workdir)
+    last_logged = max(_losses(workdir))  # The killed run's log, before the resume drops its later rows.
+    resumed = run_and_resumed_step(lambda: train.run(_cfg(text_data, **kv), workdir))
     a, b = _losses(straight), _losses(workdir)
     assert sorted(b) == list(range(1, 17))
     np.testing.assert_array_equal([b[s] for s in range(1, 17)], [a[s] for s in range(1, 17)])
     assert not saved or saved == sorted(saved)
+    _check_goodput(workdir, restarts=1, lost_steps=last_logged - resumed)
+
+
+def _check_goodput(workdir, *, restarts, lost_steps):
+  """`tmdm goodput` against the run's own logs: the steps computed again, and causes that cover the
+  wall time from the first start to the last row (what no row covers stays under 5%)."""
+  s = goodput.summary(workdir)
+  assert s['restarts'] == restarts and s['lost_steps'] == lost_steps
+  assert (s['seconds']['lost'] > 0) == (lost_steps > 0)
+  assert sum(s['seconds'].values()) == pytest.approx(s['wall_s']) and sum(s['share'].values()) == pytest.approx(1)
+  assert abs(s['share']['unaccounted']) < 0.05, goodput.table(s)
+  for cause in ('productive', 'startup', 'compile', 'checkpoint', 'data', 'idle'):
+    assert s['seconds'][cause] > 0, cause
+  out = os.path.join(workdir, 'timeline.png')
+  assert cli.main(['goodput', workdir, f'--out={out}']) == 0
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def _largest_file(folder):
@@ -142,13 +160,13 @@ def test_nonfinite_steps_are_skipped_and_counted(text_data, tmp_path):
   kv = {'train.num_steps': 10, 'train.log_every_steps': 1, 'train.eval_batches': 0,
         'train.fault_nonfinite_steps': '(3, 4)'}
   train.run(_cfg(text_data, **kv), str(tmp_path))
-  rows = {r['step']: r for r in metrics.read_jsonl(os.path.join(tmp_path, 'metrics.jsonl'))}
+  rows = {r['step']: r for r in metrics.read_jsonl(os.path.join(tmp_path, 'metrics.jsonl')) if 'nonfinite' in r}
   assert [rows[s]['nonfinite'] for s in range(1, 11)] == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]
   assert all(np.isfinite(rows[s]['loss']) for s in (1, 2, 3, 6, 10))
   # Skipped steps still count for the lr schedule: after them, every step's lr is the clean run's.
   clean = tmp_path / 'clean'
   train.run(_cfg(text_data, **dict(kv, **{'train.fault_nonfinite_steps': '()'})), str(clean))
-  want = {r['step']: r for r in metrics.read_jsonl(os.path.join(clean, 'metrics.jsonl'))}
+  want = {r['step']: r for r in metrics.read_jsonl(os.path.join(clean, 'metrics.jsonl')) if 'nonfinite' in r}
   assert len({want[s]['lr'] for s in range(6, 11)}) == 5  # The lr moves every step, so a lag would show.
   np.testing.assert_allclose([rows[s]['lr'] for s in range(6, 11)], [want[s]['lr'] for s in range(6, 11)],
                              rtol=1e-6)

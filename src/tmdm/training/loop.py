@@ -20,7 +20,7 @@ from tmdm import errors, storage
 from tmdm.config import checks as config_checks
 from tmdm.data import mixture, pipeline, shards as shards_lib
 from tmdm.diffusion import loss as loss_lib
-from tmdm.training import checkpoint as checkpoint_lib, metrics as metrics_lib, perf, resilience
+from tmdm.training import checkpoint as checkpoint_lib, goodput, metrics as metrics_lib, perf, resilience
 from tmdm.training import setup as setup_lib, state as train_state, step as train_step, validation
 
 log = logging.getLogger('tmdm')
@@ -137,8 +137,8 @@ def due(done: int, every: int, num_steps: int, stopping: bool = False) -> bool:
 class MetricsWindow:
   """The sums of one logging interval, kept on device until `flush` fetches them one step late."""
 
-  def __init__(self, writer, bar, skips, tokens_per_step: int, flops_per_step: float, peak: float):
-    self.writer, self.bar, self.skips = writer, bar, skips
+  def __init__(self, writer, bar, skips, tokens_per_step: int, flops_per_step: float, peak: float, account):
+    self.writer, self.bar, self.skips, self.account = writer, bar, skips, account
     self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
     self._start()
     self.pending = None  # (step, sums, hparams, steps) closed, not yet fetched
@@ -177,6 +177,7 @@ class MetricsWindow:
                **{f'data/skipped/{k}': v for k, v in self.skips.counts.items()})
     if self.failed_saves:
       out['checkpoint/failed_saves'] = self.failed_saves
+    out.update(self.account.row())  # goodput/<cause>_s of the interval since the last row
     self.writer.write(step, out)
     self.bar.set_postfix(loss=f'{out.get("loss", float("nan")):.3f}', refresh=False)
     return out
@@ -288,6 +289,7 @@ def _compile(s: setup_lib.Setup, state, batch, manifests):
 
 
 def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
+  account = goodput.Account()
   primary = jax.process_index() == 0
   manifests = shards_lib.check_data(cfg)
   s = setup_lib.build(cfg)
@@ -297,13 +299,16 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   val = shards_lib.eval_batches(cfg, s.vocab, s.sharder, shards)
   ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(workdir, 'checkpoints'),
                                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
+  with account.timed('restore'):
+    state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
   _write_config(cfg, workdir)  # Only now: a refused resume leaves the run's config.json as it was.
   meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
           'num_shards': shards.num_shards}
 
-  batch = _global_batch(next(data_iter), s.sharder, stop_vote=0)
-  step_fn, eval_fn, compile_s = _compile(s, state, batch, manifests)
+  with account.timed('data'):
+    batch = _global_batch(next(data_iter), s.sharder, stop_vote=0)
+  with account.timed('compile'):
+    step_fn, eval_fn, compile_s = _compile(s, state, batch, manifests)
   tokens_per_step = cfg.train.batch_size * s.seq_len
   flops_per_step = s.model_cfg.flops_per_token(s.seq_len) * tokens_per_step
   log.info('mesh %s on %d devices | %.2fM params (%.2fM non-embedding) | %.3g FLOPs/step | compile %.1fs',
@@ -311,25 +316,33 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
            s.model_cfg.non_embedding_params / 1e6, flops_per_step, compile_s)
 
   t = cfg.train
+  # Before the killed run's later rows are dropped; idle until this attempt began.
+  restart = goodput.restart_row(workdir, start, account.start) if primary else None
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, enabled=primary, start_step=start)
+  if restart:
+    writer.write(start, restart)
   bar = tqdm.tqdm(total=t.num_steps, initial=start, disable=not (primary and t.progress), unit='step',
                   dynamic_ncols=True)
-  window = MetricsWindow(writer, bar, skips, tokens_per_step, flops_per_step, perf.peak_tflops_per_device(t.peak_tflops))
+  window = MetricsWindow(writer, bar, skips, tokens_per_step, flops_per_step, perf.peak_tflops_per_device(t.peak_tflops),
+                         account)
   streak = resilience.NonFiniteStreak(t.max_nonfinite_streak)
   saver = Saver(cfg, ckpt, shards, meta, streak, window)
+  last_step = [start]  # The newest step done (the last goodput row's step).
   last = {}
   try:
     with resilience.Preemption() as preemption:
       flags = Flags(streak, preemption)
+      account.started()
       for step in range(start, t.num_steps):
         if step > start:
-          batch = _global_batch(next(data_iter), s.sharder, preemption.vote())
+          with account.timed('data'):
+            batch = _global_batch(next(data_iter), s.sharder, preemption.vote())
         data_state = data_iter.get_state()
         state, metrics = step_fn(state, batch)
         window.add(metrics)
         flags.after(metrics, step)
         last = window.flush() or last  # The previous interval: the device is already busy with this step.
-        done = step + 1
+        done = last_step[0] = step + 1
         bar.update(1)
         checkpoint_due = due(done, cfg.checkpoint.every_steps, t.num_steps)
         if checkpoint_due:
@@ -342,24 +355,33 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
             flags.now(metrics, done)
           last = window.flush() or last  # The step's row is on file before its checkpoint commits.
         if stopping:
-          saver.save(done, state, data_state)
+          with account.timed('checkpoint'):
+            saver.save(done, state, data_state)
           log.warning('stopped by %s after step %d; the next `tmdm train` resumes from it', preemption.reason, done)
           break
         if t.eval_every_steps and done % t.eval_every_steps == 0 and done < t.num_steps:
-          writer.write(done, validation.evaluate(eval_fn, state.params, val, cfg.seed + 1))
+          with account.timed('eval'):
+            writer.write(done, validation.evaluate(eval_fn, state.params, val, cfg.seed + 1))
         if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
-          writer.write(done, generation_eval(s, state.params, done))
+          with account.timed('eval'):
+            writer.write(done, generation_eval(s, state.params, done))
         if checkpoint_due:  # After the step's evaluations, so that a resume from it has their rows too.
-          saver.save(done, state, data_state)
+          with account.timed('checkpoint'):
+            saver.save(done, state, data_state)
           if window.failed_saves:
             last['checkpoint/failed_saves'] = window.failed_saves
       last = window.flush() or last
       if val and not preemption.stop:
-        final_eval = validation.evaluate(eval_fn, state.params, val, cfg.seed + 1)
+        with account.timed('eval'):
+          final_eval = validation.evaluate(eval_fn, state.params, val, cfg.seed + 1)
         writer.write(t.num_steps, final_eval)
         last.update(final_eval)
   finally:
-    _close_all(saver.close, writer.close, bar.close)  # The saver first: the last checkpoint matters most.
+    def close_saver():
+      with account.timed('checkpoint'):  # The wait for background saves.
+        saver.close()
+    # The saver first: the last checkpoint matters most; then the time it took, in a last goodput row.
+    _close_all(close_saver, lambda: writer.write(last_step[0], account.row()), writer.close, bar.close)
   if preemption.stop:
     last['preempted'] = 1.0
   return last
