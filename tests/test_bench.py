@@ -26,7 +26,7 @@ def _smoke(text_data):
 def test_checkpoint_bench_measures_blocking_and_restore(text_data, tmp_path):
   r = bench.checkpoint_cost(_smoke(text_data), saves=2, steps_between=1, workdir=str(tmp_path / 'ck'))
   assert r['saves'] == 2 and 0 < r['blocked_ms_median'] <= r['blocked_ms_max'] and r['step_ms_median'] > 0
-  assert r['restore_s'] > 0 and r['state_mb'] > 0
+  assert r['restore_s'] > 0 and r['state_mb'] > 0 and r['local_blocked_ms_median'] > 0 and r['local_restore_s'] > 0
   assert sorted(os.listdir(tmp_path / 'ck')) == ['1', '2']
 
 

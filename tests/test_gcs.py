@@ -220,7 +220,7 @@ def test_prepare_and_train_in_a_bucket_killed_and_resumed(gcs, tmp_path):
   proc.wait(timeout=600)
   out = open(log).read()
   assert proc.returncode == 0, out[-3000:]
-  assert f'resumed from step {saved[-1]} in {ckpt_dir}' in out, [l for l in out.splitlines() if 'tmdm' in l or 'resum' in l][-20:]
+  assert f'resumed from step {saved[-1]} (persistent tier) in {ckpt_dir}' in out, [l for l in out.splitlines() if 'tmdm' in l or 'resum' in l][-20:]
 
   rows = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
   assert [r['step'] for r in rows] == list(range(1, 31))  # Every step once.
@@ -284,3 +284,95 @@ def test_sweep_results_from_a_bucket(gcs):
   rows = [json.loads(line) for line in storage.read_text(f'{root}/results.jsonl').splitlines()]
   assert [(r['name'], r['loss'], r['source']) for r in rows] == [('a', 2.9, 'eval'), ('b', 2.8, 'eval')]
   assert rows[0]['workdir'] == f'{root}/a'
+
+
+def _start_two(workdir, data_root, kv, logs):
+  """`tmdm train` as 2 processes x 4 devices on a localhost coordinator, each writing to its log."""
+  from test_multiprocess import _free_port  # pylint: disable=import-outside-toplevel
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return [subprocess.Popen([sys.executable, '-m', 'tmdm.cli', 'train', f'--config={SMOKE}', f'--workdir={workdir}',
+                            f'--config.data.root={data_root}', '--host_devices=4', f'--coordinator=localhost:{port}',
+                            '--num_processes=2', f'--process_id={i}', *[f'--config.{k}={v}' for k, v in kv.items()]],
+                           cwd=REPO, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, text=True)
+          for i, log in enumerate(logs)]
+
+
+def _wait_for(procs, logs, done, what, timeout=300):
+  end = time.time() + timeout
+  while time.time() < end:
+    if done():
+      return
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.2)
+  raise AssertionError(f'{what}: not reached:\n' + '\n'.join(open(log).read()[-2500:] for log in logs))
+
+
+def _kill(procs):
+  for p in procs:
+    p.kill()
+  for p in procs:
+    p.wait()
+
+
+def test_local_tier_on_two_processes_with_a_bucket(gcs, text_data, tmp_path):
+  """2 processes x 4 devices, local tier every 2 steps in a folder per process, persistent tier every
+  10 in the bucket. Killed (SIGKILL, both) after step 15: a restart with one process's local folder
+  gone resumes both from persistent step 10; one with a newest local step that process 1 holds
+  incomplete skips it; with the folders whole, both resume from the newest local step (>= 14) and
+  continue with the losses of an uninterrupted run."""
+  kv = {'train.num_steps': 20, 'train.log_every_steps': 1, 'checkpoint.every_steps': 10, 'train.eval_batches': 0,
+        'data.num_shards': 2, 'model.compute_dtype': 'float32', 'train.progress': 'false',
+        'checkpoint.local_dir': str(tmp_path / 'local'), 'checkpoint.local_every_steps': 2, 'checkpoint.local_keep': 3}
+  reference = str(tmp_path / 'reference')  # Uninterrupted, 1 process x 8 devices, no local tier.
+  cfg = config_loader.load(SMOKE, [f'--config.{k}={v}' for k, v in kv.items() if 'local' not in k], num_devices=8)
+  cfg.data.root = text_data
+  train.run(cfg, reference)
+  ref = {r['step']: r['loss'] for r in metrics.read_metrics(reference) if 'loss' in r}
+
+  workdir = f'{gcs}/local-tier'
+  logs = [str(tmp_path / f'p{i}.log') for i in range(2)]
+  procs = _start_two(workdir, text_data, kv, logs)
+  _wait_for(procs, logs, lambda: any(r.get('step', 0) >= 15 for r in _rows_or_none(workdir)), 'step 15')
+  _kill(procs)
+  assert _committed(f'{workdir}/checkpoints') == [10]
+  [run_folder] = os.listdir(tmp_path / 'local')
+  folders = [tmp_path / 'local' / run_folder / f'p{i}-of-2' for i in range(2)]
+  steps = [sorted(int(n) for n in os.listdir(f) if n.isdigit()) for f in folders]
+  newest = min(s[-1] for s in steps)
+  assert newest >= 14, steps
+
+  def resumed_line(tag):
+    return lambda: all(f'resumed from step {tag}' in open(log).read() for log in logs)
+
+  aside = tmp_path / 'aside'  # Process 1's local folder gone (a replaced host): the persistent tier, never step 0.
+  shutil.move(str(folders[1]), str(aside))
+  procs = _start_two(workdir, text_data, kv, logs)
+  _wait_for(procs, logs, resumed_line('10 (persistent tier)'), 'resume from the persistent tier')
+  _kill(procs)
+  shutil.rmtree(folders[1], ignore_errors=True)
+  shutil.move(str(aside), str(folders[1]))
+
+  os.remove(folders[1] / str(newest) / 'COMMIT')  # Process 1's newest step incomplete: never chosen.
+  procs = _start_two(workdir, text_data, kv, logs)
+  _wait_for(procs, logs, resumed_line(f'{newest - 2} (local tier)'), 'resume from the older local step')
+  _kill(procs)
+  with open(folders[1] / str(newest) / 'COMMIT', 'w', encoding='utf-8') as f:
+    f.write(str(newest))
+
+  procs = _start_two(workdir, text_data, kv, logs)
+  outs = [p.communicate(timeout=600) and open(log).read() for p, log in zip(procs, logs)]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+  assert all(f'resumed from step {newest} (local tier)' in out for out in outs), outs[0][-3000:]
+  got = {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
+  np.testing.assert_allclose([got[s] for s in range(newest + 1, 21)], [ref[s] for s in range(newest + 1, 21)],
+                             rtol=2e-5)
+
+
+def _rows_or_none(workdir):
+  try:
+    return metrics.read_metrics(workdir)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return []

@@ -127,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.dir = ''  # Checkpoint folder; '': WORKDIR/checkpoints.
   c.checkpoint.on_error = 'stop'  # A failed save: 'stop' the run, or 'warn' loudly and keep training.
   c.checkpoint.allow_fresh_start = False  # Checkpoints exist but all are corrupt: train from step 0 (else stop).
+  c.checkpoint.local_dir = ''  # Local tier: a per-host folder (local SSD, /dev/shm); '': off. Never a URL.
+  c.checkpoint.local_every_steps = 0  # Local-tier save every this many steps (each process its own shards).
+  c.checkpoint.local_keep = 2  # Newest local-tier steps kept per process.
 
   # Generation (`tmdm sample`, `tmdm eval`, `tmdm sample-sweep`; tasks in generation/tasks.py). The sampler keys
   # at this level drive the text tasks; sample.<task> holds those of each cross-modal task. A run's

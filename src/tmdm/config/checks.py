@@ -104,6 +104,10 @@ def validate(cfg, num_devices=None, process_count=1):
   _need(t.batch_size % t.microbatches == 0,
         f'train.batch_size {t.batch_size} is not divisible by train.microbatches {t.microbatches}')
   _need(cfg.checkpoint.on_error in ('stop', 'warn'), "checkpoint.on_error must be 'stop' or 'warn'")
+  _need(not cfg.checkpoint.local_dir or (cfg.checkpoint.local_every_steps > 0 and cfg.checkpoint.local_keep > 0
+                                         and '://' not in cfg.checkpoint.local_dir),
+        'checkpoint.local_dir needs checkpoint.local_every_steps > 0 and checkpoint.local_keep > 0, and must be '
+        'a local path on each host (not a URL)')
   _need(t.max_nonfinite_streak > 0 and t.rollbacks >= 0, 'train.max_nonfinite_streak > 0, train.rollbacks >= 0')
   _need(cfg.data.num_shards >= 0 and 0 <= cfg.data.max_skip_fraction <= 1,
         'data.num_shards >= 0 and data.max_skip_fraction in [0, 1]')

@@ -139,7 +139,7 @@ def tree_mismatch(saved_tree, target) -> str:
   return '; '.join(problems[:3]) + more
 
 
-def _from_process_0(value: int) -> int:
+def from_process_0(value: int) -> int:
   """Process 0's value on every process (folder listings may differ between hosts: its view rules)."""
   if jax.process_count() == 1:
     return value
@@ -481,7 +481,7 @@ class Checkpointer:
     deleted; StateMismatch, RestoreFailed and NothingRestorable otherwise (module docstring).
     shards: DataShards, the data shards this process reads."""
     moved = []
-    step = _from_process_0(max(self.steps(), default=-1))
+    step = from_process_0(max(self.steps(), default=-1))
     while step >= 0:
       attempt = self._attempt(step, abstract_state, shards)
       if attempt.kind == OK:
@@ -495,8 +495,8 @@ class Checkpointer:
         raise RestoreFailed(f'could not restore checkpoint {step} from {self.directory}: {attempt.reason}; that does '
                             'not prove it corrupt, so nothing was moved: fix the cause and run again')
       moved.append(self._quarantine(step, attempt.reason))
-      step = _from_process_0(max((s for s in self.steps() if s < step), default=-1))
-    if moved or _from_process_0(int(bool(self.quarantined()))):
+      step = from_process_0(max((s for s in self.steps() if s < step), default=-1))
+    if moved or from_process_0(int(bool(self.quarantined()))):
       raise self._nothing_restorable(moved)
     return None
 

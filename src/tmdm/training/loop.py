@@ -20,7 +20,7 @@ from tmdm import errors, storage
 from tmdm.config import checks as config_checks
 from tmdm.data import mixture, pipeline, shards as shards_lib
 from tmdm.diffusion import loss as loss_lib
-from tmdm.training import checkpoint as checkpoint_lib, goodput, metrics as metrics_lib, perf, resilience
+from tmdm.training import checkpoint as checkpoint_lib, goodput, local_tier, metrics as metrics_lib, perf, resilience
 from tmdm.training import setup as setup_lib, state as train_state, step as train_step, validation
 
 log = logging.getLogger('tmdm')
@@ -98,13 +98,26 @@ def _newest_readable_meta(ckpt):
   return None
 
 
-def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, restore_data=True):
-  """(state, first step): the newest good checkpoint, or a fresh sharded init when there is no
-  checkpoint (or none restores and checkpoint.allow_fresh_start is set)."""
+def _restore_local(s: setup_lib.Setup, ckpt, local, manifests, shards):
+  """restore_latest_good's answer from the local tier when every process holds a newer step there."""
+  persistent = checkpoint_lib.from_process_0(ckpt.latest_step() if ckpt.latest_step() is not None else -1)
+  target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
+  found = local.restore(target, persistent if persistent >= 0 else None)
+  if found is not None:
+    _check_resumable(found[2], s.cfg, manifests, shards, local.directory)
+  return found
+
+
+def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, restore_data=True, local=None):
+  """(state, first step): the newest good checkpoint (of the local tier when every process holds a
+  newer one there, else of the persistent tier), or a fresh sharded init when there is no checkpoint
+  (or none restores and checkpoint.allow_fresh_start is set)."""
   meta = _newest_readable_meta(ckpt)
   if meta is not None:  # Config changes are named before any step is read, so none can pass for damage.
     _check_resumable(meta, s.cfg, manifests, shards, ckpt.directory)
-  found = _restore(s, ckpt, shards)
+  found = _restore_local(s, ckpt, local, manifests, shards) if local is not None else None
+  tier = 'local tier' if found is not None else 'persistent tier'
+  found = found or _restore(s, ckpt, shards)
   if found is None:
     return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
   state, data_state, _, step = found
@@ -115,7 +128,7 @@ def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, r
       raise errors.ConfigError(f'the data-iterator state of checkpoint {step} in {ckpt.directory} does not fit '
                                f'this run\'s data pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
                                'was the data mixture changed? (nothing was moved)') from None
-  log.info('resumed from step %d in %s', step, ckpt.directory)
+  log.info('resumed from step %d (%s) in %s', step, tier, local.directory if tier == 'local tier' else ckpt.directory)
   return state, step
 
 
@@ -187,8 +200,21 @@ class Saver:
   """Checkpoints of the loop: never inside a non-finite streak; failures stop the run or, with
   checkpoint.on_error=warn, are counted and training goes on."""
 
-  def __init__(self, cfg, ckpt, shards, meta: dict, streak, window: MetricsWindow):
+  def __init__(self, cfg, ckpt, shards, meta: dict, streak, window: MetricsWindow, local=None):
     self.cfg, self.ckpt, self.shards, self.meta, self.streak, self.window = cfg, ckpt, shards, meta, streak, window
+    self.local = local  # local_tier.LocalTier, or None
+
+  def save_local(self, step: int, state, data_state):
+    """A save to the local tier (this process's shards); failures as for the persistent tier."""
+    if self.streak.active:
+      return
+    try:
+      self.local.save(step, state, data_state, self.meta)
+    except checkpoint_lib.CheckpointError as e:
+      if self.cfg.checkpoint.on_error == 'stop':
+        raise
+      self.window.failed_saves += 1
+      log.error('%s -- TRAINING CONTINUES WITHOUT THIS LOCAL CHECKPOINT (checkpoint.on_error=warn)', e)
 
   def save(self, step: int, state, data_state):
     if self.streak.active:  # A rollback must land before the streak.
@@ -207,6 +233,9 @@ class Saver:
   def close(self):
     """Finishes the background saves whatever stopped the loop: the last good checkpoint counts."""
     try:
+      if self.local is not None:
+        _close_all(self.local.close, self.ckpt.close)
+        return
       self.ckpt.close()
     except checkpoint_lib.CheckpointError as e:
       if self.cfg.checkpoint.on_error == 'stop' and sys.exc_info()[0] is None:
@@ -300,7 +329,9 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(workdir, 'checkpoints'),
                                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   with account.timed('restore'):
-    state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data)
+    local = (local_tier.LocalTier(cfg.checkpoint.local_dir, workdir, cfg.checkpoint.local_keep)
+             if cfg.checkpoint.local_dir else None)
+    state, start = init_or_restore(s, ckpt, data_iter, manifests, shards, restore_data=not fresh_data, local=local)
   _write_config(cfg, workdir)  # Only now: a refused resume leaves the run's config.json as it was.
   meta = {'config': cfg.to_dict(), 'tokenizers': _tokenizer_hashes(manifests), 'mesh': s.mesh_shape.as_tuple(),
           'num_shards': shards.num_shards}
@@ -326,7 +357,7 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
   window = MetricsWindow(writer, bar, skips, tokens_per_step, flops_per_step, perf.peak_tflops_per_device(t.peak_tflops),
                          account)
   streak = resilience.NonFiniteStreak(t.max_nonfinite_streak)
-  saver = Saver(cfg, ckpt, shards, meta, streak, window)
+  saver = Saver(cfg, ckpt, shards, meta, streak, window, local)
   last_step = [start]  # The newest step done (the last goodput row's step).
   last = {}
   try:
@@ -345,12 +376,13 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
         done = last_step[0] = step + 1
         bar.update(1)
         checkpoint_due = due(done, cfg.checkpoint.every_steps, t.num_steps)
-        if checkpoint_due:
+        local_due = bool(local and done % cfg.checkpoint.local_every_steps == 0 and not checkpoint_due)
+        if checkpoint_due or local_due:
           flags.now(metrics, done)
         stopping = preemption.reached(done)
         if due(done, t.log_every_steps, t.num_steps, stopping):
           window.close(done)
-        if checkpoint_due or stopping:
+        if checkpoint_due or local_due or stopping:
           if flags.previous is not None:  # Stopping between checkpoints: this step's streak flag first.
             flags.now(metrics, done)
           last = window.flush() or last  # The step's row is on file before its checkpoint commits.
@@ -365,6 +397,9 @@ def _run(cfg, workdir: str, fresh_data: bool, generation_eval) -> dict:
         if cfg.eval.every_steps and done % cfg.eval.every_steps == 0:
           with account.timed('eval'):
             writer.write(done, generation_eval(s, state.params, done))
+        if local_due:
+          with account.timed('checkpoint'):
+            saver.save_local(done, state, data_state)
         if checkpoint_due:  # After the step's evaluations, so that a resume from it has their rows too.
           with account.timed('checkpoint'):
             saver.save(done, state, data_state)
