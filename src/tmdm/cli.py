@@ -41,6 +41,24 @@ def _take_host_devices(argv):
   return rest
 
 
+def _pin_prepare_backend(argv):
+  """`tmdm prepare`: one CPU device and an XLA thread pool of fixed size, set before jax is imported.
+
+  The image and audio tokenizers train and encode with XLA on the CPU, whose convolutions split their
+  sums by the size of its thread pool, max(usable cores or NPROC, CPU devices). The same data gave
+  tokenizers that differed in their last bits, and then 0.1% of the image and 26% of the audio tokens,
+  when prepared with --host_devices=8 (or XLA_FLAGS exported for training) or on fewer cores (`taskset`);
+  the demo's losses then differed from step 1. So prepare runs on 1 CPU device with NPROC=2 threads (a
+  2-core machine's default) whatever the cores or devices; kernels still differ by instruction set, so
+  this holds on one kind of CPU. A user's NPROC or JAX_PLATFORMS still wins. BUILD_NOTES, "Reproducible
+  runs". In a process that already imported jax (tests calling main()) the backend is left as it is."""
+  if argv[:1] != ['prepare'] or 'jax' in sys.modules:
+    return
+  os.environ['JAX_NUM_CPU_DEVICES'] = '1'  # Wins over --xla_force_host_platform_device_count.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Not an accelerator when one is present.
+  os.environ.setdefault('NPROC', '2')  # XLA's CPU client sizes its thread pool by NPROC when set.
+
+
 # The handlers: (args, config overrides) -> exit status. Each imports what it runs (after XLA_FLAGS).
 
 def _start_distributed(args):
@@ -313,6 +331,7 @@ COMMANDS = {
 
 def main(argv=None):
   argv = _take_host_devices(sys.argv[1:] if argv is None else list(argv))
+  _pin_prepare_backend(argv)
   overrides = [a for a in argv if a.startswith('--config.')]
   argv = [a for a in argv if not a.startswith('--config.')]
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')

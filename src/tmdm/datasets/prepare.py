@@ -8,6 +8,12 @@ By default each is built in this process (text.py, image.py, audio.py). With a B
 (`--beam_runner=DirectRunner`, DataflowRunner, FlinkRunner, ...) the same datasets, byte for byte, are
 built by an Apache Beam pipeline (beam.py; `pip install -e .[beam]`).
 
+The same config gives the same bytes in any folder, run after run (tests/test_reproducible.py), the
+Orbax folders of the learned tokenizers aside (file names and timestamps; tokenizer.json holds the
+weights' hash): SentencePiece trains on one thread, and the `tmdm prepare` process runs XLA on one CPU
+device with a fixed thread pool (cli._pin_prepare_backend), on which the image and audio tokenizers'
+bits depend.
+
 A data root may be a URL (`--config.data.root=gs://bucket/data`): each dataset is then built in a
 local staging folder and uploaded, its manifest last, so a reader sees a whole dataset or none; a
 rebuild (--force) deletes the old manifest first, then the old objects.

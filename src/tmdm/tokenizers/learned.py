@@ -23,6 +23,9 @@ def fit(init_fn, loss_fn, data_N, *, steps, batch_size, lr, seed, progress=None,
   """Adam with warmup and cosine decay on random minibatches of `data_N` (a host numpy array).
 
   init_fn(rng, batch) -> params; loss_fn(params, batch) -> scalar. Returns (params, losses per step).
+  The same seed gives the same bits only under the same XLA CPU thread pool (its convolutions split
+  their sums by the pool's size, max(cores or NPROC, CPU devices)): `tmdm prepare` fixes it
+  (cli._pin_prepare_backend); a caller in its own process sets NPROC and the device count itself.
   """
   progress = progress or (lambda it, **_: it)
   rng = np.random.default_rng(seed)
