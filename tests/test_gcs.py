@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from tmdm import storage
+from tmdm import cli, storage
 from tmdm.config import loader as config_loader
 from tmdm.data import store
 from tmdm.training import loop as train, metrics
@@ -362,6 +362,7 @@ def test_local_tier_on_two_processes_with_a_bucket(gcs, text_data, tmp_path):
   with open(folders[1] / str(newest) / 'COMMIT', 'w', encoding='utf-8') as f:
     f.write(str(newest))
 
+  last_logged = max(r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r)  # Before this start drops rows.
   procs = _start_two(workdir, text_data, kv, logs)
   outs = [p.communicate(timeout=600) and open(log).read() for p, log in zip(procs, logs)]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
@@ -369,6 +370,16 @@ def test_local_tier_on_two_processes_with_a_bucket(gcs, text_data, tmp_path):
   got = {r['step']: r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r}
   np.testing.assert_allclose([got[s] for s in range(newest + 1, 21)], [ref[s] for s in range(newest + 1, 21)],
                              rtol=2e-5)
+  # The goodput account of these four launches, read from the bucket. The second and third were killed
+  # before their first row (while compiling): they count as idle time of the next start, and the steps
+  # computed again are those logged after the step the last start resumed from.
+  from tmdm.training import goodput  # pylint: disable=import-outside-toplevel
+  account = goodput.summary(workdir)
+  assert 1 <= account['restarts'] <= 3 and account['seconds']['idle'] > 0
+  assert account['lost_steps'] == last_logged - newest
+  assert sum(account['share'].values()) == pytest.approx(1) and abs(account['share']['unaccounted']) < 0.05
+  assert cli.main(['goodput', workdir, f'--out={workdir}/goodput.png']) == 0
+  assert storage.read_bytes(f'{workdir}/goodput.png')[:4] == b'\x89PNG'
 
 
 def _rows_or_none(workdir):
