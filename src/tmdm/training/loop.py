@@ -100,7 +100,8 @@ def _newest_readable_meta(ckpt):
 
 def _restore_local(s: setup_lib.Setup, ckpt, local, manifests, shards):
   """restore_latest_good's answer from the local tier when every process holds a newer step there."""
-  persistent = checkpoint_lib.from_process_0(ckpt.latest_step() if ckpt.latest_step() is not None else -1)
+  latest = ckpt.latest_step()
+  persistent = checkpoint_lib.from_process_0(-1 if latest is None else latest)  # Process 0's listing rules.
   target = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
   found = local.restore(target, persistent if persistent >= 0 else None)
   if found is not None:
