@@ -39,15 +39,18 @@ def _overrides(kv):
 
 def _prepare(root, one_core: bool):
   env = dict(os.environ)  # The session's: 8 simulated devices (conftest), the persistent compile cache.
-  preexec = None
+  cmd = [sys.executable, '-m', 'tmdm.cli', 'prepare', f'--config={SMOKE}', f'--config.data.root={root}',
+         *_overrides(TINY)]
   if one_core:
     env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                                 if not f.startswith('--xla_force_host_platform_device_count'))
+    # Pinned to one core by a small launcher that then becomes the command (no preexec_fn: forking
+    # this multithreaded process and running Python in the child could deadlock).
     first = min(os.sched_getaffinity(0))
-    preexec = lambda: os.sched_setaffinity(0, {first})
-  out = subprocess.run([sys.executable, '-m', 'tmdm.cli', 'prepare', f'--config={SMOKE}', f'--config.data.root={root}',
-                        *_overrides(TINY)], cwd=REPO, env=env, preexec_fn=preexec, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, check=False, timeout=300)
+    cmd = [sys.executable, '-c', f'import os, sys; os.sched_setaffinity(0, {{{first}}}); os.execv(sys.argv[1], sys.argv[1:])',
+           *cmd]
+  out = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       check=False, timeout=300)
   assert out.returncode == 0, out.stdout[-3000:]
 
 
