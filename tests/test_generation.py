@@ -152,6 +152,46 @@ def test_a_runs_saved_sample_section_is_used(tmp_path):
   assert (loaded.sample.t2i.steps, loaded.sample.t2i.guidance) == (9, 2.5)
 
 
+def _ran(ctx, passes, seconds=(1.0, 1.0), batch=10, correct=None):
+  """What Context.run and an evaluator leave on the context after sampling."""
+  ctx.last_run = {'forward_passes': passes, 'seconds': sum(seconds), 'batch_seconds': list(seconds),
+                  'batch_rows': [batch] * len(seconds), 'batch_size': batch, 'generated_tokens': 64 * batch}
+  if correct is not None:
+    ctx.items['t2i'] = (np.asarray(correct, float), np.ones(len(correct)))
+
+
+def test_sweep_fastest_within_the_noise_of_the_best(monkeypatch):
+  """Of three settings on the same 200 items (accuracy 0.60 in 1.0 s, 0.58 in 0.4 s, 0.30 in 0.1 s per
+  sample; the second loses 7 of the first's items and wins 3), --fastest picks the 0.4 s one: its paired bootstrap interval against the best reaches 0,
+  the 0.1 s one's does not."""
+  import types  # pylint: disable=import-outside-toplevel
+  from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
+  from tmdm.evaluation import evaluators as evaluate
+  from tmdm.tools import sample_sweep
+  rng = np.random.default_rng(0)
+  best = rng.random(200) < 0.6
+  close = best.copy()
+  close[np.flatnonzero(best)[:7]] = False  # 7 items lost, 3 won: 0.6 -> 0.58
+  close[np.flatnonzero(~best)[:3]] = True
+  table = {8: (best, 10.0), 4: (close, 4.0), 2: (rng.random(200) < 0.3, 1.0)}
+
+  def fake_t2i(ctx, settings):
+    _, knobs = settings(ctx, 't2i')
+    correct, seconds = table[int(knobs.steps)]
+    _ran(ctx, passes=int(knobs.steps), seconds=(seconds, seconds), correct=correct)
+    return {'t2i/digit_acc': float(correct.mean()), 't2i/fd': 50.0, 't2i/diversity': 1.0}
+
+  monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
+  ctx = types.SimpleNamespace(cfg=base_config.get_config(), items={}, last_run={})
+  rows, chosen, _, _ = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine'], steps=[8, 4, 2],
+                                              temperatures=[1.0], guidance=[1.0], fastest=True)
+  assert [r['within_noise'] for r in rows] == [True, True, False]
+  assert chosen['steps'] == 4 and chosen['wall_s'] == pytest.approx(0.4)
+  _, slow, _, _ = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine'], steps=[8, 4, 2],
+                                         temperatures=[1.0], guidance=[1.0])
+  assert slow['steps'] == 8  # without --fastest: the best score
+
+
 def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
   import types  # pylint: disable=import-outside-toplevel
   from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
@@ -162,11 +202,12 @@ def test_sweep_breaks_ties_by_the_secondary_metric_then_cost(monkeypatch):
     spec_, knobs = settings(ctx, 't2i')
     acc = 0.5 if knobs.guidance > 0 else 0.2
     fd = 40.0 if spec_.sampler == 'ancestral' else 90.0
-    return {'t2i/digit_acc': acc, 't2i/fd': fd - knobs.guidance, 't2i/forward_passes': 10 if fd < 50 else 5,
+    _ran(ctx, passes=10 if fd < 50 else 5)
+    return {'t2i/digit_acc': acc, 't2i/fd': fd - knobs.guidance,
             't2i/diversity': 1.3}  # above 1 counts as 1: the score is the accuracy
 
   monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
-  ctx = types.SimpleNamespace(cfg=base_config.get_config())
+  ctx = types.SimpleNamespace(cfg=base_config.get_config(), items={}, last_run={})
   rows, chosen, metric, higher = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine', 'ancestral'],
                                                         steps=[8], temperatures=[1.0], guidance=[0.0, 2.0, 4.0])
   assert len(rows) == 6 and metric == 't2i/digit_acc' and higher
@@ -185,10 +226,11 @@ def test_sweep_weighs_diversity_with_accuracy(monkeypatch):
   def fake_t2i(ctx, settings):
     _, knobs = settings(ctx, 't2i')
     acc, div = table[(knobs.temperature, knobs.guidance)]
-    return {'t2i/digit_acc': acc, 't2i/fd': 50.0, 't2i/diversity': div, 't2i/forward_passes': 8}
+    _ran(ctx, passes=8)
+    return {'t2i/digit_acc': acc, 't2i/fd': 50.0, 't2i/diversity': div}
 
   monkeypatch.setitem(evaluate.EVALUATORS, 't2i_digits', fake_t2i)
-  ctx = types.SimpleNamespace(cfg=base_config.get_config())
+  ctx = types.SimpleNamespace(cfg=base_config.get_config(), items={}, last_run={})
   rows, chosen, _, _ = sample_sweep.run_sweep(ctx, 't2i', rules=['confidence:cosine'], steps=[8],
                                               temperatures=[0.5, 1.0], guidance=[0.0, 4.0])
   assert (chosen['temperature'], chosen['guidance']) == (1.0, 4.0)  # 0.55 x 0.8 = 0.44 beats 0.70 x 0.2 = 0.14

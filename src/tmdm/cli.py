@@ -111,6 +111,7 @@ def sample_sweep(args, overrides):
   from tmdm.tools import sample_sweep as sweep  # pylint: disable=import-outside-toplevel
   sweep.sweep_command(args.workdir, args.task, rules=args.rules, steps=args.steps, temperatures=args.temperatures,
                       guidance=args.guidance, out_dir=args.out, record_path=args.record, tolerance=args.tolerance,
+                      caches=args.caches, fastest=args.fastest,
                       overrides=overrides, command='tmdm ' + ' '.join(sys.argv[1:]))
   return 0
 
@@ -119,8 +120,11 @@ def bench_sample(args, overrides):
   from tmdm.tools import sample_bench  # pylint: disable=import-outside-toplevel
   if bool(args.workdir) == bool(args.config):
     raise errors.ConfigError('give exactly one of --workdir (a trained model) or --config (a fresh one)')
-  sample_bench.bench_command(workdir=args.workdir, config=args.config, task=args.task, steps=args.steps,
-                             batch=args.batch, repeats=args.repeats, overrides=overrides)
+  if args.workdir:
+    sample_bench.compare_command(args.workdir, args.task, args.setting, out_dir=args.out, overrides=overrides)
+  else:
+    sample_bench.bench_command(workdir='', config=args.config, task=args.task, steps=args.steps,
+                               batch=args.batch, repeats=args.repeats, overrides=overrides)
   return 0
 
 
@@ -219,10 +223,13 @@ def _sample_sweep_args(p):
   p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
   p.add_argument('--task', required=True, choices=['text', 't2i', 't2s', 'i2t', 's2t'])
   p.add_argument('--rules', default='ancestral,confidence:cosine,confidence:linear,threshold:0.9',
-                 help='reveal rules: ancestral, confidence:SCHEDULE, threshold:TAU (comma list)')
+                 help='reveal rules: ancestral, confidence:SCHEDULE, threshold:TAU, entropy:GAMMA (comma list)')
   p.add_argument('--steps', default='8,16,32', help='steps (comma list)')
   p.add_argument('--temperatures', default='0.7,1.0', help='temperatures (comma list)')
   p.add_argument('--guidance', default='0,1,3', help='guidance weights (comma list; ignored for text)')
+  p.add_argument('--caches', default='0', help='0: uncached, 1: the cached sampler (comma list, e.g. 0,1)')
+  p.add_argument('--fastest', action='store_true',
+                 help='choose the fastest setting whose score is within the noise (paired bootstrap) of the best')
   p.add_argument('--tolerance', type=float, default=0.0,
                  help='treat settings this close to the best metric as ties (broken by the secondary metric, then forward passes)')
   p.add_argument('--out', default=None, help='folder for sweep.csv/.md/.png (default: WORKDIR/sample_sweep/TASK)')
@@ -231,10 +238,15 @@ def _sample_sweep_args(p):
 
 
 def _bench_sample_args(p):
-  p.add_argument('--workdir', default='', help='a training workdir (its latest checkpoint)')
-  p.add_argument('--config', default='', help='or an experiment config (freshly initialized model, no data needed)')
+  p.add_argument('--workdir', default='',
+                 help='a training workdir: compare --setting s on its held-out items (quality and time, JSON lines)')
+  p.add_argument('--config', default='', help='or an experiment config: throughput against --steps of a fresh model')
   p.add_argument('--task', default='t2i', choices=['text', 't2i', 't2s', 'i2t', 's2t'])
-  p.add_argument('--steps', default='8,16,32,64,128', help='steps (comma list)')
+  p.add_argument('--setting', action='append', default=[],
+                 help="--workdir: sampler keys of the task, 'KEY=VALUE,...' (repeatable; 'baseline': the run's "
+                      "own; default: baseline, cache=1, sampler=entropy, sampler=entropy,cache=1)")
+  p.add_argument('--out', default=None, help='--workdir: folder for bench.jsonl/.png (default: WORKDIR/bench_sample/TASK)')
+  p.add_argument('--steps', default='8,16,32,64,128', help='--config: steps (comma list)')
   p.add_argument('--batch', type=int, default=16, help='rows per sampling call')
   p.add_argument('--repeats', type=int, default=3, help='timed calls per row')
 

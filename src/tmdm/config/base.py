@@ -22,6 +22,9 @@ def _sampler_keys(section, **defaults):
   section.guidance = 0.0  # Classifier-free guidance weight w: (1 + w) cond - w uncond (0: off).
   section.guidance_schedule = 'constant'  # w over time: 'constant', 'increasing' or 'decreasing' (mean w).
   section.reuse = True  # Skip the forward pass when the previous step revealed nothing.
+  section.entropy_budget = 1.0  # 'entropy': reveal, lowest entropy first, while the others' entropies sum <= this (nats).
+  section.cache = False  # Keep keys/values of unchanged positions; cached steps run only the block's positions.
+  section.refresh = 0  # With cache: also refresh it every this many steps of a block (0: at block starts only).
   section.update(defaults)
   return section
 

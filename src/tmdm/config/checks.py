@@ -97,6 +97,10 @@ def validate(cfg, num_devices=None, process_count=1):
         'checkpoint.every_steps and checkpoint.keep must be positive')
   _need(0 < cfg.sample.top_p <= 1 and cfg.sample.temperature > 0 and cfg.sample.steps > 0,
         'sample.top_p in (0, 1], sample.temperature > 0, sample.steps > 0')
+  for name in ('', '.t2i', '.t2s', '.i2t', '.s2t'):
+    sec = cfg.sample if not name else cfg.sample[name[1:]]
+    _need(sec.entropy_budget >= 0 and sec.refresh >= 0,
+          f'sample{name}.entropy_budget and sample{name}.refresh must be >= 0 (got {sec.entropy_budget}, {sec.refresh})')
   _need(t.batch_size > 0 and t.microbatches > 0, 'train.batch_size and train.microbatches must be positive')
   if d.complementary:
     _need(t.batch_size % 2 == 0,

@@ -9,6 +9,10 @@ reveal some of them; the samplers differ only in WHICH masked positions a step r
               after step i a share gamma(i / S) of the positions is still masked
   threshold   every masked position whose drawn token has probability >= tau, at least one per row
               (the number of steps adapts to the model's certainty; S caps it)
+  entropy     entropy-bounded (after the EB-sampler of Ben-Hamu et al., 2025): order the masked
+              positions by the entropy of the model's distribution there, lowest first, and reveal the
+              longest prefix whose entropies, all but the prefix's last, sum to at most the budget
+              gamma (so at least one); a step reveals as many tokens as the model is jointly sure of
 The last step reveals whatever is left, so no [MASK] survives. Given (clean) tokens are never
 touched, and logits are restricted to each position's modality before any draw (docs/design.md 2.2).
 
@@ -24,14 +28,26 @@ Knobs of every sampler:
                        (drawn tokens and confidences) is reused and the forward pass skipped. For the
                        ancestral sampler this is exact in distribution: the reveal coin is independent
                        of the draw. Off for time-conditioned models, whose prediction moves with t.
+  cache                a cache of keys and values (after Fast-dLLM's dual cache, Wu et al., 2025): a
+                       full pass at the start of each block keeps every layer's keys and values of the
+                       whole canvas; the block's other steps run the transformer on the block's
+                       generated positions only (W of them, `window`, static), attending to the cached
+                       keys and values of every other position (the condition, decoded blocks and the
+                       blocks not yet started) and to their own fresh ones. `refresh` = k > 0 also
+                       refreshes every k-th step of a block; k = 1 is exactly the uncached sampler.
+                       The unconditional branch of guidance keeps its own cache. Approximate (the cached
+                       positions do not see this block's newest tokens until the next refresh), so its
+                       cost in quality is measured: `tmdm bench-sample`.
 
-Static choices (a recompile) live in `SamplerSpec`; `Knobs` (steps, temperature, guidance, threshold)
-are traced, so a sweep over them reuses one compiled sampler.
+Static choices (a recompile) live in `SamplerSpec`; `Knobs` (steps, temperature, guidance, threshold,
+entropy budget, refresh) are traced, so a sweep over them reuses one compiled sampler. The forward-pass
+count is per row and counts a cached step as W / L of a pass (the share of positions it runs).
 
 A canvas is a dict of [B, L] int32 arrays: tokens ([MASK] where to generate), segment_ids, positions,
 modality, cond (1 on the condition's positions, which the unconditional branch masks).
 
-Legend: B rows, L positions, V vocabulary (sharded over 'tensor'), M modalities.
+Legend: B rows, L positions, W positions a cached step runs, V vocabulary (sharded over 'tensor'),
+M modalities, N layers.
 """
 
 import dataclasses
@@ -75,6 +91,8 @@ class SamplerSpec:
   guided: bool = False  # compile the unconditional branch (classifier-free guidance)
   guidance_schedule: str = 'constant'  # GUIDANCE_SCHEDULES
   reuse: bool = True  # skip the forward pass when the previous step revealed nothing
+  cache: bool = False  # keys and values of unchanged positions kept; steps between refreshes run W positions
+  window: int = 0  # W: positions a cached step runs (>= a block's generated positions; `fit_window`)
 
   def __post_init__(self):
     for value, table, what in ((self.sampler, SAMPLERS, 'sampler'), (self.schedule, COUNT_SCHEDULES, 'schedule'),
@@ -83,6 +101,8 @@ class SamplerSpec:
         raise ValueError(f'unknown {what} {value!r} (choices: {", ".join(table)})')
     if not 0 < self.top_p <= 1 or self.block_len < 0:
       raise ValueError(f'top_p must be in (0, 1] and block_len >= 0 (got {self.top_p}, {self.block_len})')
+    if self.window < 0:
+      raise ValueError(f'window must be >= 0 (got {self.window})')
 
 
 class Knobs(NamedTuple):
@@ -91,11 +111,32 @@ class Knobs(NamedTuple):
   temperature: float = 1.0  # 0: greedy
   guidance: float = 0.0  # classifier-free guidance weight w (needs SamplerSpec.guided)
   threshold: float = 0.9  # tau of the threshold sampler
+  entropy_budget: float = 1.0  # gamma of the entropy sampler, in nats
+  refresh: int = 0  # cached sampler: also refresh the cache every this many steps of a block (0: at block starts)
 
   def as_arrays(self) -> 'Knobs':
     """Fixed dtypes, so one compiled sampler accepts any values (an int temperature would not match)."""
     return Knobs(np.int32(self.steps), np.float32(self.temperature), np.float32(self.guidance),
-                 np.float32(self.threshold))
+                 np.float32(self.threshold), np.float32(self.entropy_budget), np.int32(self.refresh))
+
+
+def block_bounds(length: int, block_len: int) -> tuple[int, int]:
+  """(positions per block, blocks) of a row of `length` (block_len 0 or >= length: one block)."""
+  per = block_len if 0 < block_len < length else length
+  return per, -(-length // per)
+
+
+def fit_window(spec_: SamplerSpec, tokens_NL, mask_id: int, multiple: int = 8) -> SamplerSpec:
+  """The spec with `window` set for a canvas (numpy, before jit): the most generated positions any
+  row has in any one block, rounded up to `multiple` (fewer recompiles across canvases) and capped
+  at the block. Unchanged without a cache."""
+  if not spec_.cache:
+    return spec_
+  tokens_NL = np.asarray(tokens_NL)
+  per, n_blocks = block_bounds(tokens_NL.shape[1], spec_.block_len)
+  masked = np.pad(tokens_NL == mask_id, ((0, 0), (0, per * n_blocks - tokens_NL.shape[1])))
+  most = int(masked.reshape(len(masked), n_blocks, per).sum(-1).max(initial=1))
+  return dataclasses.replace(spec_, window=min(per, -(-max(most, 1) // multiple) * multiple))
 
 
 def top_p_filter(logits_BLV, top_p: float):
@@ -141,6 +182,7 @@ class Step:
   modality_BL: jax.Array
   row_modality_B: jax.Array
   rng: jax.Array
+  entropy_BL: jax.Array | None = None  # entropy of the model's distribution per position (nats; 'entropy')
 
 
 def _rank(score_BL):
@@ -175,7 +217,23 @@ def _threshold(st: Step, diff_cfg, knobs):
   return (st.conf_BL >= jnp.log(jnp.maximum(knobs.threshold, 1e-12))) | (rank_BL == 0)
 
 
-SAMPLERS = {'ancestral': _ancestral, 'confidence': _confidence, 'threshold': _threshold}
+def _entropy(st: Step, diff_cfg, knobs):
+  del diff_cfg
+  score_BL = jnp.where(st.open_BL, -st.entropy_BL, -jnp.inf)
+  order_BL = jnp.argsort(-score_BL, axis=-1, stable=True)  # lowest entropy first (ties: position)
+  sorted_BL = jnp.take_along_axis(jnp.where(st.open_BL, st.entropy_BL, jnp.inf), order_BL, axis=-1)
+  before_BL = jnp.cumsum(sorted_BL, axis=-1) - sorted_BL  # entropy of the positions ranked ahead
+  take_sorted_BL = before_BL <= knobs.entropy_budget
+  return jnp.take_along_axis(take_sorted_BL, _rank(score_BL), axis=-1)
+
+
+SAMPLERS = {'ancestral': _ancestral, 'confidence': _confidence, 'threshold': _threshold, 'entropy': _entropy}
+
+
+def entropy(logits_BLV):
+  """Entropy (nats) of softmax(logits) per position; -inf logits (restricted ids) contribute 0."""
+  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.where(jnp.isfinite(logp_BLV), jnp.exp(logp_BLV) * logp_BLV, 0.0), axis=-1)
 
 
 def _row_modality(canvas, mask_id):
@@ -191,8 +249,26 @@ def _time_of_share(share_B, row_modality_B, diff_cfg):
   return jnp.take_along_axis(jnp.stack(ts_M, axis=1), row_modality_B[:, None], axis=1)[:, 0]
 
 
+def _gather_rows(x_BL, slots_BW):
+  """x at each row's slots (slot L, padding: the last position, whose result is discarded)."""
+  return jnp.take_along_axis(x_BL, jnp.minimum(slots_BW, x_BL.shape[1] - 1), axis=1)
+
+
+def _scatter_rows(fill_BL, slots_BW, values_BW):
+  """fill with each row's slots set to values (slot L: dropped)."""
+  return jax.vmap(lambda f, i, v: f.at[i].set(v, mode='drop'))(fill_BL, slots_BW, values_BW)
+
+
+def block_slots(in_block_BL, window: int):
+  """[B, W] positions of each row's block (in order), padded with L."""
+  L = in_block_BL.shape[1]
+  order_BL = jnp.argsort(~in_block_BL, axis=-1, stable=True)[:, :window]
+  return jnp.where(jnp.take_along_axis(in_block_BL, order_BL, axis=-1), order_BL, L).astype(jnp.int32)
+
+
 def sample(params, canvas, rng, knobs: Knobs, *, model, vocab, diff_cfg, sharder, spec: SamplerSpec):
-  """Fills every [MASK] of canvas['tokens']; returns (tokens int32 [B, L], forward passes int32)."""
+  """Fills every [MASK] of canvas['tokens']; returns (tokens int32 [B, L], forward passes per row
+  float32: a cached step counts W / L)."""
   mask_id = vocab.mask_id
   x0_BL = canvas['tokens']
   B, L = x0_BL.shape
@@ -201,39 +277,75 @@ def sample(params, canvas, rng, knobs: Knobs, *, model, vocab, diff_cfg, sharder
   generate_BL = x0_BL == mask_id
   cond_BL = canvas['cond'].astype(bool)
   reuse = spec.reuse and not model.cfg.time_conditioning
-  block_len = spec.block_len if 0 < spec.block_len < L else L
-  n_blocks = -(-L // block_len)
+  block_len, n_blocks = block_bounds(L, spec.block_len)
   block_steps = jnp.maximum(1, -(-jnp.asarray(knobs.steps, jnp.int32) // n_blocks))
   column_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
   passes_per_predict = 2 if spec.guided else 1
+  W = spec.window
+  if spec.cache and not 0 < W <= L:
+    raise ValueError(f'a cached sampler needs 0 < window <= {L} (got {W}): set it with fit_window')
+  want_entropy = spec.sampler == 'entropy'
 
-  def forward(x_BL, t_B):
-    return model.apply({'params': params}, x_BL, canvas['segment_ids'], canvas['positions'], t_B)
+  def unconditional(x_BL, cond_BL):  # The condition masked whole, as in training's drop mode.
+    return jnp.where(cond_BL, mask_id, x_BL)
 
-  def predict(x_BL, t_B, rng):
-    logits_BLV = forward(x_BL, t_B)
-    if spec.guided:  # Unconditional branch: the condition masked whole, as in training's drop mode.
-      uncond_BLV = forward(jnp.where(cond_BL, mask_id, x_BL), t_B)
+  def finish(logits_BLV, uncond_BLV, t_B, modality_BL, rng):
+    """Guided, restricted logits -> (drawn tokens, their log-probabilities, entropies)."""
+    if spec.guided:
       w_B = knobs.guidance * GUIDANCE_SCHEDULES[spec.guidance_schedule](t_B)
       logits_BLV = guide(logits_BLV, uncond_BLV, w_B)
-    logits_BLV = transformer.restrict(logits_BLV, canvas['modality'], allowed_MV)
-    return draw(rng, logits_BLV, knobs.temperature, spec.top_p)
+    logits_BLV = transformer.restrict(logits_BLV, modality_BL, allowed_MV)
+    tokens_BL, conf_BL = draw(rng, logits_BLV, knobs.temperature, spec.top_p)
+    entropy_BL = entropy(logits_BLV) if want_entropy else jnp.zeros_like(conf_BL)
+    return tokens_BL, conf_BL, entropy_BL
+
+  def full(x_BL, t_B, rng):
+    """A pass over the whole canvas: (prediction, caches: the (k, v) of each branch, or ())."""
+    kw = {'return_kv': True} if spec.cache else {}
+    run = lambda x: model.apply({'params': params}, x, canvas['segment_ids'], canvas['positions'], t_B, **kw)
+    out, uncond, caches = run(x_BL), None, ()
+    if spec.cache:
+      out, kv = out
+      caches = (kv,)
+    if spec.guided:
+      uncond = run(unconditional(x_BL, cond_BL))
+      if spec.cache:
+        uncond, kv_u = uncond
+        caches += (kv_u,)
+    return finish(out, uncond, t_B, canvas['modality'], rng), caches
+
+  def partial(x_BL, t_B, rng, caches, slots_BW):
+    """A cached step: the transformer on the W slots only; the prediction scattered back to [B, L]."""
+    seg_BW, pos_BW = _gather_rows(canvas['segment_ids'], slots_BW), _gather_rows(canvas['positions'], slots_BW)
+    seg_BW, pos_BW = sharder.constrain(seg_BW, ('batch', None)), sharder.constrain(pos_BW, ('batch', None))
+
+    def run(x, kv):
+      cache = transformer.KVCache(*kv, canvas['segment_ids'], slots_BW)
+      return model.apply({'params': params}, _gather_rows(x, slots_BW), seg_BW, pos_BW, t_B, cache=cache)
+
+    out = run(x_BL, caches[0])
+    uncond = run(unconditional(x_BL, cond_BL), caches[1]) if spec.guided else None
+    tokens_BW, conf_BW, entropy_BW = finish(out, uncond, t_B, _gather_rows(canvas['modality'], slots_BW), rng)
+    return (_scatter_rows(jnp.zeros((B, L), jnp.int32), slots_BW, tokens_BW),
+            _scatter_rows(jnp.full((B, L), -jnp.inf), slots_BW, conf_BW),
+            _scatter_rows(jnp.full((B, L), jnp.inf), slots_BW, entropy_BW))
 
   rule = SAMPLERS[spec.sampler]
   if spec.sampler == 'confidence':
     rule = lambda st, d, k: _confidence(st, d, k, spec.schedule)
 
   def block(b, carry):
-    x_BL, rng, cache, dirty, passes = carry
+    x_BL, rng, pred, caches, whole, dirty, passes = carry
     in_block_BL = generate_BL & (column_BL >= b * block_len) & (column_BL < (b + 1) * block_len)
     n0_B = jnp.sum(in_block_BL & (x_BL == mask_id), axis=-1)
+    slots_BW = block_slots(in_block_BL, W) if spec.cache else None
 
     def more(c):
-      x_BL, i = c[0], c[5]
+      x_BL, i = c[0], c[-1]
       return (i < block_steps) & jnp.any(in_block_BL & (x_BL == mask_id))
 
     def step(c):
-      x_BL, rng, cache, dirty, passes, i = c
+      x_BL, rng, pred, caches, whole, dirty, passes, i = c
       rng, k_draw, k_rule = jax.random.split(rng, 3)
       open_BL = in_block_BL & (x_BL == mask_id)
       if spec.sampler == 'ancestral':  # The time grid of this block.
@@ -243,23 +355,43 @@ def sample(params, canvas, rng, knobs: Knobs, *, model, vocab, diff_cfg, sharder
         share_B = jnp.sum(open_BL, axis=-1) / jnp.maximum(n0_B, 1)
         t_B = _time_of_share(share_B, row_modality_B, diff_cfg)
         s_B = t_B
-      if reuse:
-        cache, fresh = jax.lax.cond(dirty, lambda: (predict(x_BL, t_B, k_draw), 1), lambda: (cache, 0))
+      keep = lambda: (pred, caches, whole, 0.0)
+      fresh = lambda: full(x_BL, t_B, k_draw) + (jnp.asarray(True), float(passes_per_predict))
+      if spec.cache:
+        # 0: reuse (nothing changed, and the prediction covers this block: a cached one covers only the
+        # block it was made in); 1: a full pass, at a block's first step and at each refresh; 2: cached.
+        cached = lambda: (partial(x_BL, t_B, k_draw, caches, slots_BW), caches, jnp.asarray(False),
+                          passes_per_predict * W / L)
+        can_keep = reuse & ~dirty & (whole | (i > 0))
+        refresh_now = (i == 0) | ((knobs.refresh > 0) & (i % jnp.maximum(knobs.refresh, 1) == 0))
+        branch = jnp.where(can_keep, 0, jnp.where(refresh_now, 1, 2))
+        pred, caches, whole, cost = jax.lax.switch(branch, (keep, fresh, cached))
+      elif reuse:
+        pred, caches, whole, cost = jax.lax.cond(dirty, fresh, keep)
       else:
-        cache, fresh = predict(x_BL, t_B, k_draw), 1
-      proposal_BL, conf_BL = cache
-      st = Step(i, block_steps, open_BL, n0_B, conf_BL, t_B, s_B, canvas['modality'], row_modality_B, k_rule)
+        pred, caches, whole, cost = fresh()
+      proposal_BL, conf_BL, entropy_BL = pred
+      st = Step(i, block_steps, open_BL, n0_B, conf_BL, t_B, s_B, canvas['modality'], row_modality_B, k_rule,
+                entropy_BL)
       last = i == block_steps - 1
       reveal_BL = open_BL & (rule(st, diff_cfg, knobs) | last)
       x_BL = jnp.where(reveal_BL, proposal_BL, x_BL)
-      return x_BL, rng, cache, jnp.any(reveal_BL), passes + fresh * passes_per_predict, i + 1
+      return x_BL, rng, pred, caches, whole, jnp.any(reveal_BL), passes + cost, i + 1
 
-    x_BL, rng, cache, dirty, passes, _ = jax.lax.while_loop(more, step, (x_BL, rng, cache, dirty, passes, 0))
-    return x_BL, rng, cache, dirty, passes
+    x_BL, rng, pred, caches, whole, dirty, passes, _ = jax.lax.while_loop(
+        more, step, (x_BL, rng, pred, caches, whole, dirty, passes, 0))
+    return x_BL, rng, pred, caches, whole, dirty, passes
 
-  empty_cache = (jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L), jnp.float32))
-  init = (x0_BL, rng, empty_cache, jnp.asarray(True), jnp.asarray(0, jnp.int32))
-  x_BL, _, _, _, passes = jax.lax.fori_loop(0, n_blocks, block, init)
+  empty_pred = (jnp.zeros((B, L), jnp.int32), jnp.zeros((B, L), jnp.float32), jnp.zeros((B, L), jnp.float32))
+  empty_caches = ()
+  if spec.cache:
+    c = model.cfg
+    shape = (c.n_layers, B, L, c.n_heads, c.d_head)
+    kv_axes = ('layers', 'batch', 'length', 'heads', 'kv')
+    zeros = lambda: sharder.constrain(jnp.zeros(shape, c.dtype), kv_axes)
+    empty_caches = tuple((zeros(), zeros()) for _ in range(passes_per_predict))
+  init = (x0_BL, rng, empty_pred, empty_caches, jnp.asarray(False), jnp.asarray(True), jnp.asarray(0.0, jnp.float32))
+  x_BL, _, _, _, _, _, passes = jax.lax.fori_loop(0, n_blocks, block, init)
   return x_BL, passes
 
 
@@ -267,9 +399,9 @@ def spec_and_knobs(section, guided: bool) -> tuple[SamplerSpec, Knobs]:
   """A config section of sampler keys (base_config `sample` or `sample.<task>`) -> (spec, knobs)."""
   spec = SamplerSpec(sampler=section.sampler, schedule=section.schedule, top_p=section.top_p,
                      block_len=section.block_len, guided=guided and section.guidance != 0,
-                     guidance_schedule=section.guidance_schedule, reuse=section.reuse)
+                     guidance_schedule=section.guidance_schedule, reuse=section.reuse, cache=section.cache)
   return spec, Knobs(steps=section.steps, temperature=section.temperature, guidance=section.guidance,
-                     threshold=section.threshold)
+                     threshold=section.threshold, entropy_budget=section.entropy_budget, refresh=section.refresh)
 
 
 def jit_sampler(*, model, vocab, diff_cfg, sharder, spec: SamplerSpec):

@@ -87,10 +87,12 @@ def t2i_digits(ctx: generate.Context, settings=None) -> dict:
                                     settings=_settings(ctx, 't2i', settings))
   gen_x = em.digit_features(np.stack([smp.output for smp in samples]))
   gen_f = em.penultimate(clf, gen_x)
+  correct = (clf.predict(gen_x) == np.asarray(labels)).astype(np.float64)
+  ctx.items['t2i'] = (correct, np.ones_like(correct))
   # Diversity: the spread among the samples asked for one digit (different prompts and noise), over
   # the spread among real images of one digit, in the classifier's features: 1 as varied as real
   # handwriting, near 0 one image per digit however the prompt is worded.
-  return {'t2i/digit_acc': float(np.mean(clf.predict(gen_x) == np.asarray(labels))),
+  return {'t2i/digit_acc': float(np.mean(correct)),
           't2i/fd': em.frechet(gen_f, real_f),
           't2i/diversity': em.class_spread(gen_f, labels) / refs['t2i/spread_real'], **refs,
           't2i/samples': len(labels), 't2i/seconds': info['seconds'],
@@ -112,11 +114,13 @@ def text_infill(ctx: generate.Context, settings=None) -> dict:
       break
   canvas = tasks_lib.text_rows(ctx.s.vocab, rows, length)
   spec_, knobs = _settings(ctx, 'text', settings)
-  out, passes, seconds = ctx.run(canvas, spec_, knobs, e.seed)
+  out, info = ctx.run(canvas, spec_, knobs, e.seed)
   filled = tasks_lib.text_ids(out, canvas, ctx.s.vocab, only_generated=True)
-  hits = sum(int(np.sum(f == ids[m])) for f, (ids, m) in zip(filled, rows))
-  return {'text/infill_token_acc': hits / max(sum(int(m.sum()) for _, m in rows), 1),
-          'text/samples': len(rows), 'text/seconds': seconds, 'text/forward_passes': passes}
+  hits_N = np.array([np.sum(f == ids[m]) for f, (ids, m) in zip(filled, rows)], np.float64)
+  masked_N = np.array([m.sum() for _, m in rows], np.float64)
+  ctx.items['text'] = (hits_N, masked_N)
+  return {'text/infill_token_acc': float(hits_N.sum() / max(masked_N.sum(), 1)),
+          'text/samples': len(rows), 'text/seconds': info['seconds'], 'text/forward_passes': info['forward_passes']}
 
 
 def _log_mels(ctx, waves_NS):
@@ -152,8 +156,12 @@ def _t2s_references(ctx, texts):
 
 def _mel_dtw(ctx, waves_NS, ref_mels) -> float:
   """Mean over items of the DTW log-mel distance to the closest of the reference voices."""
+  return float(np.mean(_mel_dtw_items(ctx, waves_NS, ref_mels)))
+
+
+def _mel_dtw_items(ctx, waves_NS, ref_mels) -> np.ndarray:
   mels = [em.trim_silence(m) for m in _log_mels(ctx, waves_NS)]
-  return float(np.mean([min(em.dtw_distance(m, per_voice[i]) for per_voice in ref_mels) for i, m in enumerate(mels)]))
+  return np.array([min(em.dtw_distance(m, per_voice[i]) for per_voice in ref_mels) for i, m in enumerate(mels)])
 
 
 def t2s(ctx: generate.Context, settings=None) -> dict:
@@ -162,7 +170,9 @@ def t2s(ctx: generate.Context, settings=None) -> dict:
   ref_mels, floor, ceiling = _t2s_references(ctx, texts)
   samples, info = generate.generate(ctx, 't2s', prompts=texts, n=1, seed=e.seed,
                                     settings=_settings(ctx, 't2s', settings))
-  model = _mel_dtw(ctx, np.stack([smp.output for smp in samples]), ref_mels)
+  per_item = _mel_dtw_items(ctx, np.stack([smp.output for smp in samples]), ref_mels)
+  ctx.items['t2s'] = (per_item, np.ones_like(per_item))
+  model = float(np.mean(per_item))
   return {'t2s/mel_dtw': model, 't2s/mel_dtw_floor': floor, 't2s/mel_dtw_ceiling': ceiling,
           't2s/score': (floor - model) / max(floor - ceiling, 1e-9), 't2s/samples': len(texts),
           't2s/seconds': info['seconds'], 't2s/forward_passes': info['forward_passes']}
@@ -192,13 +202,16 @@ def i2t(ctx: generate.Context, settings=None) -> dict:
     records = ctx.heldout('image', ctx.cfg.eval.num)
   samples, _, out = _caption_task(ctx, 'i2t', settings, records)
   if records[0]['label'] >= 0:
-    out['i2t/digit_acc'] = float(np.mean([em.digit_in(smp.output) == smp.label for smp in samples]))
+    correct = np.array([em.digit_in(smp.output) == smp.label for smp in samples], np.float64)
+    ctx.items['i2t'] = (correct, np.ones_like(correct))
+    out['i2t/digit_acc'] = float(np.mean(correct))
   return out
 
 
 def s2t(ctx: generate.Context, settings=None) -> dict:
   samples, _, out = _caption_task(ctx, 's2t', settings, ctx.heldout('audio', ctx.cfg.eval.num))
-  errors = np.array([em.word_errors(smp.output, smp.reference) for smp in samples])
+  errors = np.array([em.word_errors(smp.output, smp.reference) for smp in samples], np.float64)
+  ctx.items['s2t'] = (errors[:, 1] - errors[:, 0], errors[:, 1])  # word_acc = sum(words - errors) / sum(words)
   out['s2t/word_acc'] = float(max(0.0, 1.0 - errors[:, 0].sum() / max(errors[:, 1].sum(), 1)))
   return out
 

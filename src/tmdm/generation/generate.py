@@ -97,6 +97,10 @@ class Context:
     self._tokenizers, self._samplers = {}, {}
     self.last = {}  # task -> the samples generate() made last (eval_command writes them as galleries)
     self.memo = {}  # what evaluators derive once per model and data (e.g. T2I reference statistics)
+    # task -> (numerators, denominators) per item of the task's primary metric (sum(num) / sum(den)) in
+    # the evaluator's last run: the sampling benchmarks bootstrap their intervals from them.
+    self.items = {}
+    self.last_run = {}  # Context.run's info of the last call (per-batch timings)
 
   @classmethod
   def from_workdir(cls, workdir, overrides=()):
@@ -149,11 +153,15 @@ class Context:
 
   def run(self, canvas, spec_, knobs, seed: int):
     """Samples every row of a numpy canvas in batches of sample.batch rows; returns (tokens [N, L],
-    forward passes, seconds of sampling). Compiles once per (spec, batch shape), untimed."""
+    info): forward_passes per sample (a cached step counts the share of positions it runs), seconds
+    of sampling in all, and batch_seconds / batch_rows of each call (the last batch may be partly
+    padding rows). Compiles once per (spec, batch shape), untimed. A cached spec gets the window of
+    this canvas (sampling.fit_window)."""
     shards = self.s.mesh_shape.batch_shards
     rows = -(-min(self.cfg.sample.batch, len(canvas['tokens'])) // shards) * shards
     knobs = knobs.as_arrays()
-    outs, passes, seconds = [], 0, 0.0
+    spec_ = sampling.fit_window(spec_, canvas['tokens'], self.s.vocab.mask_id)
+    outs, passes, batch_seconds, batch_rows = [], 0.0, [], []
     for b, lo in enumerate(range(0, len(canvas['tokens']), rows)):
       chunk = {k: v[lo:lo + rows] for k, v in canvas.items()}
       n = len(chunk['tokens'])
@@ -166,10 +174,16 @@ class Context:
       start = time.perf_counter()
       out, used = self._samplers[key](self.params, batch, rng, knobs)
       out = sharding_lib.fetch(out)  # Every process gets every row (multi-process sampling).
-      seconds += time.perf_counter() - start
+      batch_seconds.append(time.perf_counter() - start)
+      batch_rows.append(n)
       outs.append(out[:n])
-      passes += int(used)
-    return np.concatenate(outs), passes, seconds
+      passes += float(used) * n  # Every row of a call runs the call's passes.
+    total = sum(batch_rows)
+    info = {'forward_passes': passes / max(total, 1), 'seconds': sum(batch_seconds), 'batch_seconds': batch_seconds,
+            'batch_rows': batch_rows, 'batch_size': rows}
+    info['generated_tokens'] = int((canvas['tokens'] == self.s.vocab.mask_id).sum())
+    self.last_run = info
+    return np.concatenate(outs), info
 
   def heldout(self, kind: str, n: int) -> list[dict]:
     """The first n records of a pair dataset's validation split: {'text', kind, 'label'}."""
@@ -191,7 +205,7 @@ def generate(ctx: Context, task: str, *, prompts=(), conditions=None, references
   """Samples a task. Text-conditioned tasks (text, t2i, t2s): each prompt n times. I2T / S2T:
   `conditions` = (codes [N, T], inputs shown in the gallery, their names), one sample each, caption
   slots of caption_lens (default sample.caption_len). settings: (SamplerSpec, Knobs) or the config's.
-  Returns (samples, info: forward passes and seconds)."""
+  Returns (samples, info: Context.run's forward passes per sample and seconds)."""
   t = tasks_lib.TASKS[task]
   s, vocab = ctx.s, ctx.s.vocab
   spec_, knobs = settings or ctx.settings(task)
@@ -210,8 +224,8 @@ def generate(ctx: Context, task: str, *, prompts=(), conditions=None, references
       texts = ctx.tokenizer('text').encode(prompts)
       canvas = tasks_lib.pair_canvas(vocab, t, s.seq_len, texts=texts,
                                      tokens_per_item=ctx.tokenizer(t.kind).tokens_per_item)
-  out, passes, seconds = ctx.run(canvas, spec_, knobs, seed)
-  info = {'forward_passes': passes, 'seconds': seconds, 'rows': len(out)}
+  out, info = ctx.run(canvas, spec_, knobs, seed)
+  info['rows'] = len(out)
   if t.output == vocab_lib.TEXT:
     ids = tasks_lib.text_ids(out, canvas, vocab, only_generated=t.media_first)
     decoded = _decode_text(ctx, ids)
@@ -295,6 +309,6 @@ def sample_command(workdir, *, task='text', prompts=(), inputs=(), n=0, out_dir=
     return samples
   page = gallery.write(out_dir, samples, title=f'{task} samples of {workdir} (step {ctx.step})',
                        audio_rate=ctx.cfg.audio.sample_rate, settings=dataclasses.asdict(spec_) | knobs._asdict())
-  log.info('%d %s samples in %.1f s (%d forward passes) -> %s', len(samples), task, info['seconds'],
+  log.info('%d %s samples in %.1f s (%.1f forward passes each) -> %s', len(samples), task, info['seconds'],
            info['forward_passes'], page)
   return samples

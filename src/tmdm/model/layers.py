@@ -1,9 +1,11 @@
 """Transformer pieces: RMSNorm, rotary embeddings, segment-aware attention (dense, splash or GPU flash), SwiGLU, one block.
 
-Legend: B rows, L positions, D d_model, H heads, K d_head, F d_ff.
+Legend: B rows, L positions, W active positions of a cached step, D d_model, H heads, K d_head, F d_ff.
 Parameters are float32 and named with logical axes (sharding.RULES); each weight is gathered over
 'fsdp' on use and cast to the compute dtype there (bf16 compute, f32 master weights).
 """
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -179,12 +181,31 @@ def flash_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, cfg: ModelConfig, sh
   return _per_batch_shard(local, sharder, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL)
 
 
+class LayerCache(NamedTuple):
+  """What a cached step (diffusion/sampling.py) gives one layer: the keys and values of the whole
+  canvas from the last full pass, the canvas's segment ids, and the canvas position of each of the
+  step's W rows (L: a padding slot, whose keys and values are dropped)."""
+  k_BLHK: jax.Array
+  v_BLHK: jax.Array
+  segment_ids_BL: jax.Array
+  slots_BW: jax.Array
+
+
+def _put_rows(full_BLHK, slots_BW, new_BWHK):
+  """full with row slots[b, w] of batch row b replaced by new[b, w] (slot L: dropped)."""
+  return jax.vmap(lambda f, i, n: f.at[i].set(n, mode='drop'))(full_BLHK, slots_BW, new_BWHK)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   sharder: sharding_lib.Sharder
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache: LayerCache | None = None):
+    """(output [B, L, D], (keys, values) [B, L, H, K] after rope). With `cache`, x holds only the W
+    active positions of a cached step: their queries attend to the cached keys and values of every
+    other position and to their own fresh ones (XLA's dense attention: a [B, H, W, L] score, small
+    when W is a block; whichever kernel the full pass uses)."""
     c, s = self.cfg, self.sharder
     shape, axes = (c.d_model, c.n_heads, c.d_head), ('embed', 'heads', 'kv')
     q = jnp.einsum('bld,dhk->blhk', x_BLD, weight(self, 'wq', shape, axes, c.hidden_std, s))
@@ -195,7 +216,13 @@ class Attention(nn.Module):
     k = s.constrain(rope(k, positions_BL, c.rope_theta), act_axes)
     v = s.constrain(v, act_axes)
     impl = attention_impl(c, s)
-    if impl in ('splash', 'flash'):
+    if cache is not None:
+      keys = s.constrain(_put_rows(cache.k_BLHK, cache.slots_BW, k), act_axes)
+      values = s.constrain(_put_rows(cache.v_BLHK, cache.slots_BW, v), act_axes)
+      mask_B1WL = segment_ids_BL[:, None, :, None] == cache.segment_ids_BL[:, None, None, :]
+      out_BLHK = jax.nn.dot_product_attention(q, keys, values, mask=mask_B1WL, scale=c.attn_scale,
+                                              implementation='xla')
+    elif impl in ('splash', 'flash'):
       fused = splash_attention if impl == 'splash' else flash_attention
       out_BLHK = s.constrain(fused(q, k, v, segment_ids_BL, c, s), act_axes)
     else:
@@ -203,7 +230,7 @@ class Attention(nn.Module):
       mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
       out_BLHK = jax.nn.dot_product_attention(q, k, v, mask=mask_B1LL, scale=c.attn_scale, implementation=impl)
     wo = weight(self, 'wo', (c.n_heads, c.d_head, c.d_model), ('heads', 'kv', 'embed'), c.out_proj_std, s)
-    return jnp.einsum('blhk,hkd->bld', out_BLHK, wo)
+    return jnp.einsum('blhk,hkd->bld', out_BLHK, wo), (k, v)
 
 
 class MLP(nn.Module):
@@ -223,15 +250,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block; residual branches scaled by CompleteP's m_L^-alpha."""
+  """Pre-norm block; residual branches scaled by CompleteP's m_L^-alpha. Returns (x, the attention's
+  (keys, values)); `cache` as Attention's."""
   cfg: ModelConfig
   sharder: sharding_lib.Sharder
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, cache: LayerCache | None = None):
     c, s = self.cfg, self.sharder
     r = jnp.asarray(c.residual_mult, c.dtype)
-    h = Attention(c, s, name='attn')(RMSNorm(c, s, name='attn_norm')(x_BLD), segment_ids_BL, positions_BL)
+    h, kv = Attention(c, s, name='attn')(RMSNorm(c, s, name='attn_norm')(x_BLD), segment_ids_BL, positions_BL,
+                                         cache)
     x_BLD = s.constrain(x_BLD + r * h, ('batch', 'length', 'act_embed'))
     h = MLP(c, s, name='mlp')(RMSNorm(c, s, name='mlp_norm')(x_BLD))
-    return s.constrain(x_BLD + r * h, ('batch', 'length', 'act_embed'))
+    return s.constrain(x_BLD + r * h, ('batch', 'length', 'act_embed')), kv

@@ -5,6 +5,8 @@ Input: corrupted ids, segment ids (0 = padding) and per-document positions; outp
 [B, L, V] sharded over the vocabulary. No time input unless `time_conditioning` (docs/design.md 2.1).
 """
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,10 +27,13 @@ REMAT_CHOICES = ('none', *REMAT_POLICIES)
 class _ScannedBlock(nn.Module):
   cfg: ModelConfig
   sharder: sharding_lib.Sharder
+  with_kv: bool = False  # stack each layer's keys and values as the scan's output (a sampler's cache)
 
   @nn.compact
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
-    return _block_cls(self.cfg)(self.cfg, self.sharder, name='block')(x_BLD, segment_ids_BL, positions_BL), None
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, layer_kv, where):
+    cache = None if layer_kv is None else layers.LayerCache(*layer_kv, *where)
+    x_BLD, kv = _block_cls(self.cfg)(self.cfg, self.sharder, name='block')(x_BLD, segment_ids_BL, positions_BL, cache)
+    return x_BLD, kv if self.with_kv else None
 
 
 def _block_cls(cfg: ModelConfig):
@@ -37,33 +42,58 @@ def _block_cls(cfg: ModelConfig):
   return nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer over the whole canvas ([layers, B, L, H, K], after rope), the
+  canvas's segment ids, and the canvas positions [B, W] of a cached step's rows (L: padding)."""
+  k_NBLHK: jax.Array
+  v_NBLHK: jax.Array
+  segment_ids_BL: jax.Array
+  slots_BW: jax.Array
+
+
 class Transformer(nn.Module):
   cfg: ModelConfig
   sharder: sharding_lib.Sharder
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, t_B=None, return_hidden=False):
+  def __call__(self, tokens_BL, segment_ids_BL, positions_BL, t_B=None, return_hidden=False, return_kv=False,
+               cache: KVCache | None = None):
     """Logits [B, L, V] float32; with return_hidden, (final hidden states [B, L, D], unembedding
-    [D, V] gathered, both in the compute dtype) for `chunked_nll`."""
+    [D, V] gathered, both in the compute dtype) for `chunked_nll`; with return_kv, (logits, (keys,
+    values) [layers, B, L, H, K]) for a sampler's cache. With `cache`, the inputs are the W active
+    positions of a cached step ([B, W], gathered by the caller) and the logits are theirs: every
+    layer runs on W positions only, attending to the cached keys and values of the others."""
     c, s = self.cfg, self.sharder
     act = ('batch', 'length', 'act_embed')
     table_VD = layers.weight(self, 'embed', (c.vocab_size, c.d_model), ('vocab', 'embed'), c.init_std, s)
     x_BLD = s.constrain(vocab_parallel_lookup(table_VD, tokens_BL, s), act)
     if c.time_conditioning:
       x_BLD = x_BLD + self._time_embedding(t_B)[:, None, :]
+    where = None if cache is None else (cache.segment_ids_BL, cache.slots_BW)
     if c.scan_layers:
       stack = nn.scan(_ScannedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BLD, _ = stack(c, s, name='blocks')(x_BLD, segment_ids_BL, positions_BL)
+      layer_kv = None if cache is None else (cache.k_NBLHK, cache.v_NBLHK)
+      x_BLD, kv = stack(c, s, return_kv, name='blocks')(x_BLD, segment_ids_BL, positions_BL, layer_kv, where)
+      k_NBLHK, v_NBLHK = kv if return_kv else (None, None)
     else:
+      ks, vs = [], []
       for i in range(c.n_layers):
-        x_BLD = _block_cls(c)(c, s, name=f'block_{i}')(x_BLD, segment_ids_BL, positions_BL)
+        layer = None if cache is None else layers.LayerCache(cache.k_NBLHK[i], cache.v_NBLHK[i], *where)
+        x_BLD, (k, v) = _block_cls(c)(c, s, name=f'block_{i}')(x_BLD, segment_ids_BL, positions_BL, layer)
+        ks.append(k)
+        vs.append(v)
+      k_NBLHK, v_NBLHK = (jnp.stack(ks), jnp.stack(vs)) if return_kv else (None, None)
     x_BLD = layers.RMSNorm(c, s, name='final_norm')(x_BLD)
     w_DV = layers.weight(self, 'unembed', (c.d_model, c.vocab_size), ('embed', 'vocab'), c.init_std, s)
     if return_hidden:
       return x_BLD, w_DV
-    return unembed(c, s, x_BLD, w_DV)
+    logits_BLV = unembed(c, s, x_BLD, w_DV)
+    if return_kv:
+      kv_axes = ('layers', 'batch', 'length', 'heads', 'kv')
+      return logits_BLV, (s.constrain(k_NBLHK, kv_axes), s.constrain(v_NBLHK, kv_axes))
+    return logits_BLV
 
   def _time_embedding(self, t_B):
     c = self.cfg

@@ -1,11 +1,25 @@
-"""`tmdm bench-sample`: sampling throughput and latency against the number of steps.
+"""`tmdm bench-sample`: what sampler settings cost in time and in quality.
 
-Canvases are synthetic (random caption ids, every target position masked) in a task's training
-layout, so the benchmark needs no dataset: with --config it times a freshly initialized model (the
-cost of a step does not depend on the weights), with --workdir the trained one (which matters for
-the 'threshold' sampler and for forward passes skipped by reuse, both driven by the model's
-confidence). Each row: one compile (steps are a traced input), one warm-up call, then `repeats`
-timed calls of one batch.
+With --workdir (a trained run) it compares settings on the same held-out prompts: each `--setting`
+(sampler keys of the task's section, e.g. 'cache=1,steps=16' or 'sampler=entropy,entropy_budget=2';
+'baseline' is the run's own) runs the task's evaluator (evaluate.TASK_EVALUATOR) on eval.num items with
+eval.seed, and prints one JSON line per setting:
+  setting, forward_passes   per sample (a cached step counts W / L of a pass)
+  wall_s                    seconds per sample: median over the sampling calls of call time / rows (compiled)
+  tokens_per_s              generated tokens per second of sampling
+  speedup                   the first setting's wall_s over this one's
+  the task's metrics        e.g. t2i/digit_acc, t2i/fd, t2i/diversity, s2t/word_acc
+  interval, delta_interval  95% bootstrap interval of the primary metric, and of its difference to the
+                            first setting on the same items (paired)
+  within_noise              the difference's interval does not exclude "as good as the first setting"
+It writes them to WORKDIR/bench_sample/TASK/bench.jsonl with bench.png (quality against wall time).
+
+With --config (a freshly initialized model, no data), the throughput table below against the number of
+steps. Canvases are synthetic (random caption ids, every target position masked) in a task's training
+layout, so the table needs no dataset: a freshly initialized model (the cost of a step does not
+depend on the weights; the passes of 'threshold', 'entropy' and reuse do, so compare those on a
+trained run with --setting). Each row: one compile (steps are a traced input), one warm-up call,
+then `repeats` timed calls of one batch.
 
   tokens/s            generated (masked) tokens per second of wall time
   latency/batch       seconds per sampling call of `batch` rows
@@ -13,15 +27,22 @@ timed calls of one batch.
   passes              forward passes of the batch (fewer than steps when reuse skips some)
 """
 
+import json
+import logging
+import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from tmdm import vocab as vocab_lib
+from tmdm import errors, storage, vocab as vocab_lib
 from tmdm.config import loader as config_loader
+from tmdm.diffusion import sampling
 from tmdm.generation import generate, tasks as tasks_lib
 from tmdm.training import setup as setup_lib, state as train_state
+
+log = logging.getLogger('tmdm')
 
 
 def tokens_per_item(cfg, kind: str) -> int:
@@ -63,6 +84,7 @@ def bench(ctx: generate.Context, task: str, steps_list, *, batch: int, repeats: 
   canvas = synthetic_canvas(ctx.cfg, s.vocab, task, rows_n)
   masked = int((canvas['tokens'] == s.vocab.mask_id).sum())
   spec_, knobs = ctx.settings(task)
+  spec_ = sampling.fit_window(spec_, canvas['tokens'], s.vocab.mask_id)
   fn = ctx.sampler(spec_)
   put = {k: jax.device_put(v, s.sharder.batch()) for k, v in canvas.items()}
   out = []
@@ -75,7 +97,7 @@ def bench(ctx: generate.Context, task: str, steps_list, *, batch: int, repeats: 
     for r in range(repeats):
       _, passes = jax.block_until_ready(fn(ctx.params, put, jax.random.PRNGKey(r + 1), k))
     dt = (time.perf_counter() - start) / repeats
-    out.append({'steps': int(steps), 'passes': int(passes), 'tokens_per_s': masked / dt, 'latency_s': dt,
+    out.append({'steps': int(steps), 'passes': float(passes), 'tokens_per_s': masked / dt, 'latency_s': dt,
                 'ms_per_sample': 1e3 * dt / rows_n, 'first_call_s': first})
   return out, {'rows': rows_n, 'masked_per_row': masked / rows_n, 'spec': spec_, 'device': jax.devices()[0].device_kind,
                'devices': jax.device_count()}
@@ -97,4 +119,116 @@ def bench_command(*, workdir, config, task, steps, batch, repeats, overrides=())
   rows, info = bench(ctx, task, [int(x) for x in steps.split(',') if x.strip()], batch=batch, repeats=repeats)
   table = format_table(rows, info, task)
   print(table)
+  return rows
+
+
+DEFAULT_SETTINGS = ('baseline', 'cache=1', 'sampler=entropy', 'sampler=entropy,cache=1')
+
+
+def parse_setting(text: str, section):
+  """'k=v,k=v' over a task's sampler keys -> a copy of the section with them set ('baseline': none)."""
+  out = section.copy_and_resolve_references()
+  if text.strip() in ('', 'baseline'):
+    return out
+  for item in text.split(','):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in out or isinstance(out[key], ml_collections.ConfigDict):
+      raise errors.ConfigError(f'setting {text!r}: {item!r} is not KEY=VALUE of a sampler key '
+                               f'({", ".join(k for k in out if not isinstance(out[k], ml_collections.ConfigDict))})')
+    kind = type(out[key])
+    try:
+      out[key] = (value.strip().lower() in ('1', 'true', 'yes', 'on')) if kind is bool else kind(value)
+    except ValueError:
+      raise errors.ConfigError(f'setting {text!r}: {key} must be a {kind.__name__}, got {value!r}') from None
+  return out
+
+
+def ratio(num, den) -> float:
+  return float(np.sum(num) / max(np.sum(den), 1e-12))
+
+
+def bootstrap(items, base=None, *, draws: int = 2000, seed: int = 0, level: float = 0.95):
+  """Percentile interval of sum(num) / sum(den) over items resampled with replacement; with `base`
+  (the same items under another setting), of the paired difference items - base."""
+  num, den = (np.asarray(x, np.float64) for x in items)
+  idx = np.random.default_rng(seed).integers(0, len(num), (draws, len(num)))
+  stat = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+  if base is not None:
+    bnum, bden = (np.asarray(x, np.float64) for x in base)
+    stat = stat - bnum[idx].sum(1) / np.maximum(bden[idx].sum(1), 1e-12)
+  lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def measure(ctx: generate.Context, task: str, spec_, knobs) -> dict:
+  """One setting through the task's evaluator: its metrics, per-sample cost and per-item values."""
+  from tmdm.evaluation import evaluators as evaluate  # pylint: disable=import-outside-toplevel
+  got = evaluate.EVALUATORS[evaluate.TASK_EVALUATOR[task]](ctx, settings=lambda _c, _t: (spec_, knobs))
+  run = ctx.last_run
+  per_call = [sec / run['batch_size'] for sec in run['batch_seconds']]
+  return {'forward_passes': round(run['forward_passes'], 3), 'wall_s': float(np.median(per_call)),
+          'tokens_per_s': run['generated_tokens'] / max(run['seconds'], 1e-9),
+          **{k: v for k, v in got.items() if k.startswith(task + '/') and not k.endswith(('/seconds', '/forward_passes'))},
+          '_items': ctx.items.get(task)}
+
+
+def compare(ctx: generate.Context, task: str, settings) -> list[dict]:
+  """Rows of measure() for each setting text, with intervals and speed-ups against the first."""
+  from tmdm.evaluation import evaluators as evaluate  # pylint: disable=import-outside-toplevel
+  metric, higher = evaluate.PRIMARY[task]
+  section = tasks_lib.sampler_section(ctx.cfg.sample, task)
+  rows = []
+  for text in settings:
+    spec_, knobs = sampling.spec_and_knobs(parse_setting(text, section), guided=task != 'text')
+    row = {'setting': text.strip() or 'baseline', 'task': task, **measure(ctx, task, spec_, knobs)}
+    rows.append(row)
+    log.info('%s %s: %s %.4f, %.3f s/sample, %.1f passes', task, row['setting'], metric, row.get(metric, float('nan')),
+             row['wall_s'], row['forward_passes'])
+  first = rows[0]
+  for row in rows:
+    row['speedup'] = first['wall_s'] / row['wall_s']
+    if row['_items'] is not None and first['_items'] is not None:
+      row['interval'] = bootstrap(row['_items'])
+      lo, hi = bootstrap(row['_items'], first['_items'])
+      row['delta_interval'] = (lo, hi)
+      row['within_noise'] = bool(hi >= 0) if higher else bool(lo <= 0)
+  return rows
+
+
+def _plot(path, rows, task, metric):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for r in rows:
+    err = None
+    if 'interval' in r:
+      err = [[max(r[metric] - r['interval'][0], 0)], [max(r['interval'][1] - r[metric], 0)]]
+    ax.errorbar([1e3 * r['wall_s']], [r[metric]], yerr=err, marker='o', capsize=3, label=r['setting'])
+  ax.set_xscale('log')
+  ax.set_xlabel('wall time per sample (ms, log)')
+  ax.set_ylabel(f'{metric} (95% bootstrap interval)')
+  ax.set_title(f'{task}: quality against time per setting', fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def compare_command(workdir, task, settings, *, out_dir=None, overrides=()):
+  from tmdm.evaluation import evaluators as evaluate  # pylint: disable=import-outside-toplevel
+  ctx = generate.Context.from_workdir(workdir, overrides)
+  rows = compare(ctx, task, settings or DEFAULT_SETTINGS)
+  lines = [json.dumps({k: v for k, v in r.items() if not k.startswith('_')}) for r in rows]
+  print('\n'.join(lines))
+  out_dir = out_dir or storage.join(workdir, 'bench_sample', task)
+  if jax.process_index() == 0:
+    with storage.staged(out_dir) as local:
+      os.makedirs(local, exist_ok=True)
+      with open(os.path.join(local, 'bench.jsonl'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(lines) + '\n')
+      _plot(os.path.join(local, 'bench.png'), rows, task, evaluate.PRIMARY[task][0])
+    print(f'-> {out_dir}/bench.{{jsonl,png}}')
   return rows

@@ -1,15 +1,20 @@
 """`tmdm sample-sweep`: measure sampler settings on a trained checkpoint and pick a task's defaults.
 
 For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every combination of
-  reveal rule   'ancestral', 'confidence:SCHEDULE' (sampling.COUNT_SCHEDULES), 'threshold:TAU'
-  steps         total denoising steps (an upper bound for 'threshold')
+  reveal rule   'ancestral', 'confidence:SCHEDULE' (sampling.COUNT_SCHEDULES), 'threshold:TAU',
+                'entropy:GAMMA' (the entropy budget in nats)
+  steps         total denoising steps (an upper bound for 'threshold' and 'entropy')
   temperature
   guidance      classifier-free guidance weight w (cross-modal tasks)
+  cache         0, 1: the cached sampler (keys and values refreshed at block starts)
 and writes sweep.csv, sweep.md (a table sorted by the score below) and sweep.png
 (the metric against steps, one line per rule and temperature, one panel per guidance weight; for T2I a
 second row with the diversity). The chosen setting is the best *score*; among settings within
 `tolerance` of it (exact ties by default), the best by the task's secondary metric (evaluate.SECONDARY:
-T2I the Fréchet distance), then the one with the fewest forward passes.
+T2I the Fréchet distance), then the one with the fewest forward passes. With --fastest it weighs
+speed instead: among the settings whose score is within the noise of the best (the 95% paired
+bootstrap interval of the score difference on the same items reaches 0), the one with the least wall
+time per sample (the median over its sampling calls; sample_bench.measure).
 
 The score is the task's metric, except for tasks with a diversity measure (evaluate.DIVERSITY: T2I's
 t2i/diversity, the within-digit spread of the samples over that of real digits), where it is
@@ -34,10 +39,13 @@ import logging
 import math
 import os
 
+import numpy as np
+
 from tmdm import errors, storage
 from tmdm.diffusion import sampling
 from tmdm.evaluation import evaluators as evaluate
 from tmdm.generation import generate, tasks as tasks_lib
+from tmdm.tools import sample_bench
 
 log = logging.getLogger('tmdm')
 
@@ -54,6 +62,8 @@ def parse_rule(text: str, section) -> tuple[str, dict]:
     return name, {'schedule': schedule}
   if name == 'threshold':
     return name, {'threshold': float(arg) if arg else section.threshold}
+  if name == 'entropy':
+    return name, {'entropy_budget': float(arg) if arg else section.entropy_budget}
   return name, {}
 
 
@@ -61,42 +71,58 @@ def _floats(text):
   return [float(x) for x in text.split(',') if x.strip()]
 
 
-def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, guidance, tolerance: float = 0.0):
+def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, guidance, tolerance: float = 0.0,
+              caches=(False,), fastest: bool = False):
   """Rows of {setting..., metrics...} for the grid, and the chosen row."""
   if task not in evaluate.TASK_EVALUATOR:
     raise errors.ConfigError(f'no evaluator for task {task!r} (choices: {", ".join(evaluate.TASK_EVALUATOR)})')
-  evaluator = evaluate.EVALUATORS[evaluate.TASK_EVALUATOR[task]]
   metric, higher = evaluate.PRIMARY[task]
   section = tasks_lib.sampler_section(ctx.cfg.sample, task)
   guidance = guidance if tasks_lib.TASKS[task].kind != 'text' else [0.0]
   rows = []
-  for rule in rules:
+  for rule, cache in itertools.product(rules, caches):
     name, extra = parse_rule(rule, section)
     spec_ = sampling.SamplerSpec(sampler=name, schedule=extra.get('schedule', section.schedule), top_p=section.top_p,
                                  block_len=section.block_len, guided=any(w != 0 for w in guidance),
-                                 guidance_schedule=section.guidance_schedule, reuse=section.reuse)
+                                 guidance_schedule=section.guidance_schedule, reuse=section.reuse, cache=bool(cache))
     for n_steps, temp, w in itertools.product(steps, temperatures, guidance):
       knobs = sampling.Knobs(steps=int(n_steps), temperature=float(temp), guidance=float(w),
-                             threshold=extra.get('threshold', section.threshold))
-
-      def settings(_ctx, _task, spec_=spec_, knobs=knobs):
-        return spec_, knobs
-
-      got = evaluator(ctx, settings=settings)
+                             threshold=extra.get('threshold', section.threshold),
+                             entropy_budget=extra.get('entropy_budget', section.entropy_budget),
+                             refresh=section.refresh)
+      got = sample_bench.measure(ctx, task, spec_, knobs)
       row = {'rule': rule, 'sampler': name, 'schedule': spec_.schedule, 'threshold': knobs.threshold,
-             'steps': int(n_steps), 'temperature': float(temp), 'guidance': float(w),
-             'metric': got[metric], **{k: v for k, v in got.items() if k != metric}}
-      log.info('%s steps=%d T=%g w=%g: %s=%.4f', rule, n_steps, temp, w, metric, got[metric])
+             'entropy_budget': knobs.entropy_budget, 'cache': int(cache), 'steps': int(n_steps),
+             'temperature': float(temp), 'guidance': float(w), 'metric': got[metric],
+             **{k: v for k, v in got.items() if k != metric}}
+      log.info('%s cache=%d steps=%d T=%g w=%g: %s=%.4f, %.3f s/sample', rule, cache, n_steps, temp, w, metric,
+               got[metric], got['wall_s'])
       rows.append(row)
   for r in rows:
     r['score'] = score(task, r, higher)
-  best = max(r['score'] for r in rows)
-  close = [r for r in rows if r['score'] >= best - tolerance]
-  cost = lambda r: r.get(f'{task}/forward_passes', r['steps'])
+  best_row = max(rows, key=lambda r: r['score'])
+  if fastest:
+    for r in rows:
+      lo, hi = sample_bench.bootstrap(_score_items(task, r, higher), _score_items(task, best_row, higher))
+      r['score_delta_interval'] = (lo, hi)
+      r['within_noise'] = bool(hi >= 0)
+    chosen = min((r for r in rows if r['within_noise']), key=lambda r: (r['wall_s'], -r['score']))
+    return rows, chosen, metric, higher
+  close = [r for r in rows if r['score'] >= best_row['score'] - tolerance]
+  cost = lambda r: r.get('forward_passes', r['steps'])
   second, second_higher = evaluate.SECONDARY.get(task, (None, True))
   tie = lambda r: 0.0 if second is None else (-r[second] if second_higher else r[second])
   chosen = min(close, key=lambda r: (tie(r), cost(r), -r['score']))
   return rows, chosen, metric, higher
+
+
+def _score_items(task, row, higher):
+  """Per-item (numerators, denominators) whose ratio is the row's score (see score())."""
+  num, den = row['_items']
+  factor = (1.0 if higher else -1.0)
+  if task in evaluate.DIVERSITY:
+    factor *= min(1.0, max(0.0, row[evaluate.DIVERSITY[task]]))
+  return np.asarray(num) * factor, den
 
 
 def score(task, row, higher) -> float:
@@ -115,14 +141,16 @@ def score(task, row, higher) -> float:
 
 
 def _write_table(out_dir, rows, metric, higher):
+  rows = [{k: v for k, v in r.items() if not k.startswith('_')} for r in rows]
   keys = list(dict.fromkeys(k for r in rows for k in r))
   with open(os.path.join(out_dir, 'sweep.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
   ordered = sorted(rows, key=lambda r: -r['score'])
-  cols = (['rule', 'steps', 'temperature', 'guidance', 'metric'] + [k for k in keys if k.endswith('/diversity')] +
-          ['score'] + [k for k in keys if k.endswith('/seconds')])
+  cols = (['rule', 'cache', 'steps', 'temperature', 'guidance', 'metric'] +
+          [k for k in keys if k.endswith('/diversity')] + ['score', 'forward_passes', 'wall_s'] +
+          (['within_noise'] if 'within_noise' in keys else []))
   lines = [f'| {" | ".join(c if c != "metric" else metric for c in cols)} |', '|' + '---|' * len(cols)]
   for r in ordered:
     lines.append('| ' + ' | '.join(f'{r[c]:.4g}' if isinstance(r[c], float) else str(r[c]) for c in cols) + ' |')
@@ -172,6 +200,8 @@ def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str
   keys = {'sampler': chosen['sampler'], 'schedule': chosen['schedule'], 'threshold': float(chosen['threshold']),
           'steps': int(chosen['steps']), 'temperature': float(chosen['temperature']),
           'guidance': float(chosen['guidance'])}
+  if 'cache' in chosen:
+    keys.update(cache=bool(chosen['cache']), entropy_budget=float(chosen['entropy_budget']))
   measured = {metric: chosen['metric'], **{k: chosen[k] for k in ('score', evaluate.DIVERSITY.get(task)) if k in chosen}}
   data.setdefault('tasks', {})[task] = {'chosen': keys, 'metric': measured, 'command': command,
                                         'date': datetime.date.today().isoformat()}
@@ -181,18 +211,19 @@ def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str
 
 
 def sweep_command(workdir, task, *, rules, steps, temperatures, guidance, out_dir=None, record_path='',
-                  tolerance=0.0, overrides=(), command=''):
+                  tolerance=0.0, caches='0', fastest=False, overrides=(), command=''):
   ctx = generate.Context.from_workdir(workdir, overrides)
   rows, chosen, metric, higher = run_sweep(ctx, task, rules=[r.strip() for r in rules.split(',') if r.strip()],
                                            steps=[int(x) for x in _floats(steps)], temperatures=_floats(temperatures),
-                                           guidance=_floats(guidance), tolerance=tolerance)
+                                           guidance=_floats(guidance), tolerance=tolerance,
+                                           caches=[bool(int(x)) for x in _floats(caches)], fastest=fastest)
   out_dir = out_dir or storage.join(workdir, 'sample_sweep', task)
   with storage.staged(out_dir) as local:  # A URL workdir: written here, then uploaded.
     os.makedirs(local, exist_ok=True)
     table = _write_table(local, rows, metric, higher)
     _plot(os.path.join(local, 'sweep.png'), rows, metric, task, chosen)
   print(table)
-  summary = {k: chosen[k] for k in ('rule', 'steps', 'temperature', 'guidance', 'metric', 'score')}
+  summary = {k: chosen[k] for k in ('rule', 'cache', 'steps', 'temperature', 'guidance', 'metric', 'score', 'wall_s')}
   print(f'chosen for {task}: {json.dumps(summary)}'
         f' -> {out_dir}/sweep.{{csv,md,png}}')
   if record_path:
