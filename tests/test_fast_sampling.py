@@ -103,6 +103,17 @@ def test_cache_refreshed_every_step_is_the_uncached_sampler(name):
   assert p_cached < p_plain  # cached steps count W / L of a pass
 
 
+def test_cached_sampler_on_the_8_device_mesh_matches_one_device():
+  """The cached steps (refreshed at block starts only), guided, with blocks: sharded like the model."""
+  canvas = _canvas()
+  spec_ = sampling.fit_window(CACHED['guided_blocks'], canvas['tokens'], VOCAB.mask_id, multiple=1)
+  knobs = sampling.Knobs(steps=6, guidance=2.0)
+  one, p_one = _sample((1, 1, 1), spec_, knobs, canvas, seed=5)
+  eight, p_eight = _sample((2, 2, 2), spec_, knobs, canvas, seed=5)
+  np.testing.assert_array_equal(one, eight)
+  assert p_one == p_eight
+
+
 def test_cached_sampler_with_splash_attention_matches_dense():
   """The full passes through the splash kernel (interpret mode), the cached steps through XLA."""
   canvas = _canvas()

@@ -106,6 +106,32 @@ def test_text_generation_end_to_end_on_the_8_device_mesh(text_data, tmp_path):
   assert samples[0].output.startswith('The') and 1 <= info['forward_passes'] <= 4
 
 
+def test_bench_sample_compares_settings_on_the_same_items(text_data):
+  """`tmdm bench-sample --workdir` through the infilling evaluator on held-out text: one row per
+  setting, cached steps counted as partial passes, intervals paired against the first setting."""
+  from tmdm.tools import sample_bench  # pylint: disable=import-outside-toplevel
+  cfg = config_loader.load(os.path.join(REPO, 'experiments', 'smoke.py'), num_devices=8)
+  cfg.data.root = text_data
+  cfg.model.update(d_model=16, n_layers=1, n_heads=2, d_head=8, d_ff=24, base_width=16, base_depth=1)
+  cfg.sample.update(sampler='confidence', steps=8, text_len=24, block_len=8, batch=8)
+  cfg.eval.num = 12
+  s = setup_lib.build(cfg)
+  ctx = generate.Context.for_training(s, train_state.create(s.model, s.tx, s.sharder, s.seq_len, 0).params, 0)
+  rows = sample_bench.compare(ctx, 'text', ['baseline', 'cache=1', 'sampler=entropy,entropy_budget=0.5,cache=1'])
+  assert [r['setting'] for r in rows] == ['baseline', 'cache=1', 'sampler=entropy,entropy_budget=0.5,cache=1']
+  base, cached, _ = rows
+  assert base['delta_interval'] == (0.0, 0.0) and base['speedup'] == 1.0 and base['within_noise']
+  # 3 blocks of 8 with 8 steps in all: 3 steps a block, the first a full pass, the others 8 of 24 positions.
+  assert base['forward_passes'] <= 9 and cached['forward_passes'] < base['forward_passes']
+  assert all(0 <= r['text/infill_token_acc'] <= 1 and r['wall_s'] > 0 and r['tokens_per_s'] > 0 for r in rows)
+  lo, hi = cached['interval']
+  assert lo <= cached['text/infill_token_acc'] <= hi
+  with pytest.raises(errors.ConfigError, match='not KEY=VALUE'):
+    sample_bench.parse_setting('cache', cfg.sample)
+  with pytest.raises(errors.ConfigError, match='steps must be of type int'):
+    sample_bench.parse_setting('steps=many', cfg.sample)
+
+
 def test_sweep_parses_rules_and_records_the_chosen_defaults(tmp_path):
   from tmdm.config import base as base_config  # pylint: disable=import-outside-toplevel
   from tmdm.tools import sample_sweep

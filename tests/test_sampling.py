@@ -40,7 +40,7 @@ def _sample(mesh_shape, spec_, knobs, canvas, seed=0):
   _, params, sharder, _ = _model(mesh_shape)
   batch = {k: jax.device_put(v, sharder.batch()) for k, v in canvas.items()}
   out, passes = _compiled(mesh_shape, spec_)(params, batch, jax.random.PRNGKey(seed), knobs)
-  return np.asarray(jax.device_get(out)), int(passes)
+  return np.asarray(jax.device_get(out)), float(passes)
 
 
 def _canvas():

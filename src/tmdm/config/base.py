@@ -145,9 +145,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.infill_len = 8  # Masked tokens per '[MASK]' in an infilling prompt.
   c.sample.caption_len = 10  # I2T / S2T caption slot without a reference caption (rows carry no length).
   c.sample.ema = True  # Sample with the weight EMA when the run kept one (optim.ema > 0).
+  # Cross-modal tasks keep the condition's keys and values cached: on the demo checkpoint the cached
+  # sampler at the same steps was within the noise of the uncached one on every task, 1.2-3.9x faster
+  # (BUILD_NOTES "Fast sampling").
   for task, steps in (('t2i', 32), ('t2s', 32), ('i2t', 16), ('s2t', 16)):
     c.sample[task] = _sampler_keys(ml_collections.ConfigDict(), sampler='confidence', steps=steps,
-                                   schedule='cosine', guidance=1.0 if task in ('t2i', 't2s') else 0.0)
+                                   schedule='cosine', guidance=1.0 if task in ('t2i', 't2s') else 0.0, cache=True)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = 'elbo,text_infill,t2i_digits,t2s,i2t,s2t'  # EVALUATORS (evaluation/evaluators.py); skipped without their data.

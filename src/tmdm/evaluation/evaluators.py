@@ -189,8 +189,10 @@ def _caption_task(ctx, task, settings, records):
       labels=[r['label'] for r in records], caption_lens=[len(r['text']) for r in records],
       seed=ctx.cfg.eval.seed, settings=_settings(ctx, task, settings))
   norm = lambda x: ' '.join(em.words(x))
+  token_acc = np.array([em.token_accuracy(smp.ids, r['text']) for smp, r in zip(samples, records)], np.float64)
+  ctx.items[f'{task}/token_acc'] = (token_acc, np.ones_like(token_acc))
   return samples, info, {
-      f'{task}/token_acc': float(np.mean([em.token_accuracy(smp.ids, r['text']) for smp, r in zip(samples, records)])),
+      f'{task}/token_acc': float(np.mean(token_acc)),
       f'{task}/exact': float(np.mean([norm(smp.output) == norm(smp.reference) for smp in samples])),
       f'{task}/samples': len(samples), f'{task}/seconds': info['seconds'],
       f'{task}/forward_passes': info['forward_passes']}

@@ -97,8 +97,9 @@ class Context:
     self._tokenizers, self._samplers = {}, {}
     self.last = {}  # task -> the samples generate() made last (eval_command writes them as galleries)
     self.memo = {}  # what evaluators derive once per model and data (e.g. T2I reference statistics)
-    # task -> (numerators, denominators) per item of the task's primary metric (sum(num) / sum(den)) in
-    # the evaluator's last run: the sampling benchmarks bootstrap their intervals from them.
+    # task (or a metric's name) -> (numerators, denominators) per item of the task's primary metric (or
+    # of that metric), sum(num) / sum(den), in the evaluator's last run: the sampling benchmarks
+    # bootstrap their intervals from them.
     self.items = {}
     self.last_run = {}  # Context.run's info of the last call (per-batch timings)
 

@@ -11,7 +11,9 @@ eval.seed, and prints one JSON line per setting:
   the task's metrics        e.g. t2i/digit_acc, t2i/fd, t2i/diversity, s2t/word_acc
   interval, delta_interval  95% bootstrap interval of the primary metric, and of its difference to the
                             first setting on the same items (paired)
-  within_noise              the difference's interval does not exclude "as good as the first setting"
+  within_noise              the difference's interval does not exclude "as good as the first setting",
+                            nor does that of the secondary metric where it is per item
+                            (secondary_delta_interval: I2T / S2T token accuracy)
 It writes them to WORKDIR/bench_sample/TASK/bench.jsonl with bench.png (quality against wall time).
 
 With --config (a freshly initialized model, no data), the throughput table below against the number of
@@ -140,7 +142,7 @@ def parse_setting(text: str, section):
     try:
       out[key] = (value.strip().lower() in ('1', 'true', 'yes', 'on')) if kind is bool else kind(value)
     except ValueError:
-      raise errors.ConfigError(f'setting {text!r}: {key} must be a {kind.__name__}, got {value!r}') from None
+      raise errors.ConfigError(f'setting {text!r}: {key} must be of type {kind.__name__}, got {value!r}') from None
   return out
 
 
@@ -164,13 +166,14 @@ def bootstrap(items, base=None, *, draws: int = 2000, seed: int = 0, level: floa
 def measure(ctx: generate.Context, task: str, spec_, knobs) -> dict:
   """One setting through the task's evaluator: its metrics, per-sample cost and per-item values."""
   from tmdm.evaluation import evaluators as evaluate  # pylint: disable=import-outside-toplevel
+  ctx.items.clear()  # What this evaluation leaves, not an earlier one's.
   got = evaluate.EVALUATORS[evaluate.TASK_EVALUATOR[task]](ctx, settings=lambda _c, _t: (spec_, knobs))
   run = ctx.last_run
   per_call = [sec / run['batch_size'] for sec in run['batch_seconds']]
   return {'forward_passes': round(run['forward_passes'], 3), 'wall_s': float(np.median(per_call)),
           'tokens_per_s': run['generated_tokens'] / max(run['seconds'], 1e-9),
           **{k: v for k, v in got.items() if k.startswith(task + '/') and not k.endswith(('/seconds', '/forward_passes'))},
-          '_items': ctx.items.get(task)}
+          '_items': ctx.items.get(task), '_items_secondary': ctx.items.get(evaluate.SECONDARY.get(task, ('',))[0])}
 
 
 def compare(ctx: generate.Context, task: str, settings) -> list[dict]:
@@ -193,6 +196,11 @@ def compare(ctx: generate.Context, task: str, settings) -> list[dict]:
       lo, hi = bootstrap(row['_items'], first['_items'])
       row['delta_interval'] = (lo, hi)
       row['within_noise'] = bool(hi >= 0) if higher else bool(lo <= 0)
+    if row['_items_secondary'] is not None and first['_items_secondary'] is not None:
+      _, second_higher = evaluate.SECONDARY[task]
+      lo, hi = bootstrap(row['_items_secondary'], first['_items_secondary'])
+      row['secondary_delta_interval'] = (lo, hi)
+      row['within_noise'] = row.get('within_noise', True) and (bool(hi >= 0) if second_higher else bool(lo <= 0))
   return rows
 
 
@@ -200,7 +208,7 @@ def _plot(path, rows, task, metric):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  fig, ax = plt.subplots(figsize=(9, 4.2))
   for r in rows:
     err = None
     if 'interval' in r:
@@ -211,7 +219,7 @@ def _plot(path, rows, task, metric):
   ax.set_ylabel(f'{metric} (95% bootstrap interval)')
   ax.set_title(f'{task}: quality against time per setting', fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
