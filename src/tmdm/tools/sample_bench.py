@@ -184,7 +184,8 @@ def compare(ctx: generate.Context, task: str, settings) -> list[dict]:
   rows = []
   for text in settings:
     spec_, knobs = sampling.spec_and_knobs(parse_setting(text, section), guided=task != 'text')
-    row = {'setting': text.strip() or 'baseline', 'task': task, **measure(ctx, task, spec_, knobs)}
+    row = {'setting': text.strip() or 'baseline', 'task': task, **measure(ctx, task, spec_, knobs),
+           '_cached': spec_.cache}
     rows.append(row)
     log.info('%s %s: %s %.4f, %.3f s/sample, %.1f passes', task, row['setting'], metric, row.get(metric, float('nan')),
              row['wall_s'], row['forward_passes'])
@@ -204,20 +205,27 @@ def compare(ctx: generate.Context, task: str, settings) -> list[dict]:
   return rows
 
 
-def _plot(path, rows, task, metric):
+def plot_quality_time(path, points, *, title: str, ylabel: str, chosen=None):
+  """A metric against wall time per sample, one point per setting: points are dicts of label, wall_s,
+  value, interval (95%, or None) and cached (circle) or not (square); `chosen` (wall_s, value) is
+  starred."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(9, 4.2))
-  for r in rows:
+  fig, ax = plt.subplots(figsize=(10, 4.8))
+  for p in points:
     err = None
-    if 'interval' in r:
-      err = [[max(r[metric] - r['interval'][0], 0)], [max(r['interval'][1] - r[metric], 0)]]
-    ax.errorbar([1e3 * r['wall_s']], [r[metric]], yerr=err, marker='o', capsize=3, label=r['setting'])
+    if p['interval'] is not None:
+      err = [[max(p['value'] - p['interval'][0], 0)], [max(p['interval'][1] - p['value'], 0)]]
+    ax.errorbar([1e3 * p['wall_s']], [p['value']], yerr=err, marker='o' if p['cached'] else 's', capsize=3,
+                alpha=0.8, label=p['label'])
+  if chosen is not None:
+    ax.scatter([1e3 * chosen[0]], [chosen[1]], marker='*', s=320, facecolors='none', edgecolors='red', linewidths=1.5,
+               zorder=5, label='chosen')
   ax.set_xscale('log')
-  ax.set_xlabel('wall time per sample (ms, log)')
-  ax.set_ylabel(f'{metric} (95% bootstrap interval)')
-  ax.set_title(f'{task}: quality against time per setting', fontsize=10)
+  ax.set_xlabel('wall time per sample (ms, log; median over sampling calls)')
+  ax.set_ylabel(f'{ylabel} (95% bootstrap interval)')
+  ax.set_title(f'{title} (circles: cached)', fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
@@ -237,6 +245,10 @@ def compare_command(workdir, task, settings, *, out_dir=None, overrides=()):
       os.makedirs(local, exist_ok=True)
       with open(os.path.join(local, 'bench.jsonl'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines) + '\n')
-      _plot(os.path.join(local, 'bench.png'), rows, task, evaluate.PRIMARY[task][0])
+      metric = evaluate.PRIMARY[task][0]
+      points = [{'label': r['setting'], 'wall_s': r['wall_s'], 'value': r[metric], 'interval': r.get('interval'),
+                 'cached': r['_cached']} for r in rows]
+      plot_quality_time(os.path.join(local, 'bench.png'), points, title=f'{task}: quality against time',
+                        ylabel=metric)
     print(f'-> {out_dir}/bench.{{jsonl,png}}')
   return rows

@@ -200,28 +200,12 @@ def _plot(path, rows, metric, task, chosen=None):
 
 def _plot_speed(path, rows, metric, task, chosen):
   """The metric against wall time per sample, one point per setting (95% bootstrap interval)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(10, 4.8))
-  for r in rows:
-    label = f'{r["rule"]}{" cached" if r.get("cache") else ""} s={r["steps"]} T={r["temperature"]:g} w={r["guidance"]:g}'
-    err = None
-    if r.get('_items') is not None:
-      lo, hi = sample_bench.bootstrap(r['_items'])
-      err = [[max(r['metric'] - lo, 0)], [max(hi - r['metric'], 0)]]
-    ax.errorbar([1e3 * r['wall_s']], [r['metric']], yerr=err, marker='o' if r.get('cache') else 's', capsize=3,
-                alpha=0.8, label=label)
-  ax.scatter([1e3 * chosen['wall_s']], [chosen['metric']], marker='*', s=260, color='red', zorder=5, label='chosen')
-  ax.set_xscale('log')
-  ax.set_xlabel('wall time per sample (ms, log; median over sampling calls)')
-  ax.set_ylabel(metric)
-  ax.set_title(f'{task}: quality against time (circles: cached)', fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  points = [{'label': f'{r["rule"]}{" cached" if r.get("cache") else ""} s={r["steps"]} T={r["temperature"]:g} '
+                      f'w={r["guidance"]:g}',
+             'wall_s': r['wall_s'], 'value': r['metric'], 'cached': bool(r.get('cache')),
+             'interval': sample_bench.bootstrap(r['_items']) if r.get('_items') is not None else None} for r in rows]
+  sample_bench.plot_quality_time(path, points, title=f'{task}: quality against time', ylabel=metric,
+                                 chosen=(chosen['wall_s'], chosen['metric']))
 
 
 def record(task: str, chosen: dict, metric: str, command: str, path: str) -> str:
