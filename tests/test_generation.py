@@ -126,6 +126,19 @@ def test_bench_sample_compares_settings_on_the_same_items(text_data):
   assert all(0 <= r['text/infill_token_acc'] <= 1 and r['wall_s'] > 0 and r['tokens_per_s'] > 0 for r in rows)
   lo, hi = cached['interval']
   assert lo <= cached['text/infill_token_acc'] <= hi
+  # The unigram reference, counted here with a Counter over every training document.
+  import collections  # pylint: disable=import-outside-toplevel
+  from tmdm.data import store  # pylint: disable=import-outside-toplevel
+  from tmdm.evaluation import evaluators as evaluate  # pylint: disable=import-outside-toplevel
+  train = store.ShardedRecords(ctx.root('text'), 'train')
+  assert len(train) < evaluate.UNIGRAM_DOCS
+  counts = collections.Counter(int(t) for i in range(len(train)) for t in train[i]['text'])
+  targets = [int(t) for ids, m in evaluate.infill_rows(ctx) for t in ids[m]]
+  expected = sum(counts[t] for t in targets) / len(targets) / sum(counts.values())
+  assert base['text/infill_unigram_acc'] == pytest.approx(expected, rel=1e-9)
+  assert base['text/infill_over_unigram'] == pytest.approx(base['text/infill_token_acc'] / expected)
+  most = max(counts, key=lambda t: (counts[t], -t))
+  assert base['text/infill_majority_acc'] == pytest.approx(sum(t == most for t in targets) / len(targets))
   with pytest.raises(errors.ConfigError, match='not KEY=VALUE'):
     sample_bench.parse_setting('cache', cfg.sample)
   with pytest.raises(errors.ConfigError, match='steps must be of type int'):

@@ -12,7 +12,8 @@
               codes decoded) and the ceiling (the tokenizer's reconstruction of the reference);
               score = (floor - model) / (floor - ceiling): 0 is noise, 1 is the tokenizer's limit
   text_infill text on held-out documents (cut to sample.text_len): half of the tokens masked at
-              random, token accuracy of the filled ones
+              random, token accuracy of the filled ones, beside a unigram's (each masked token drawn
+              from the training token frequencies, and always the most frequent one)
   i2t         image -> caption on held-out pairs (reference length): digit accuracy on digit images
               (the caption names the right digit), token accuracy, exact match
   s2t         speech -> transcript on held-out pairs (reference length): word accuracy (1 - WER),
@@ -99,8 +100,12 @@ def t2i_digits(ctx: generate.Context, settings=None) -> dict:
           't2i/forward_passes': info['forward_passes']}
 
 
-def text_infill(ctx: generate.Context, settings=None) -> dict:
-  from tmdm.generation import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+UNIGRAM_DOCS = 20_000  # Training documents counted for the infilling evaluator's unigram reference.
+
+
+def infill_rows(ctx: generate.Context):
+  """The infilling evaluator's rows: (text ids, bool masked) of the first eval.num held-out documents
+  of >= 8 tokens, cut to sample.text_len - 2, half the tokens masked at random (eval.seed)."""
   from tmdm.data import store  # pylint: disable=import-outside-toplevel
   e, length = ctx.cfg.eval, ctx.cfg.sample.text_len
   records = store.ShardedRecords(ctx.root('text'), 'val')
@@ -112,14 +117,43 @@ def text_infill(ctx: generate.Context, settings=None) -> dict:
       rows.append((ids, rng.random(len(ids)) < 0.5))
     if len(rows) == e.num:
       break
-  canvas = tasks_lib.text_rows(ctx.s.vocab, rows, length)
+  return rows
+
+
+def text_unigram(ctx: generate.Context) -> np.ndarray:
+  """Token frequencies of the first UNIGRAM_DOCS training documents of the text dataset (ctx.memo)."""
+  from tmdm.data import store  # pylint: disable=import-outside-toplevel
+  key = ('text_unigram', ctx.root('text'))
+  if key not in ctx.memo:
+    records = store.ShardedRecords(ctx.root('text'), 'train')
+    counts = np.zeros(ctx.s.vocab.text_size, np.float64)
+    for i in range(min(len(records), UNIGRAM_DOCS)):
+      np.add.at(counts, np.asarray(records[i]['text']), 1)
+    ctx.memo[key] = counts / max(counts.sum(), 1)
+  return ctx.memo[key]
+
+
+def text_infill(ctx: generate.Context, settings=None) -> dict:
+  """Token accuracy of the filled positions, beside what a model without context reaches: drawing
+  each masked token from the training unigram (`text/infill_unigram_acc`, the expected accuracy, the
+  mean of p(target) over the masked targets; `text/infill_over_unigram` the ratio) and always
+  writing the most frequent token (`text/infill_majority_acc`, the greedy unigram)."""
+  from tmdm.generation import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  e = ctx.cfg.eval
+  rows = infill_rows(ctx)
+  canvas = tasks_lib.text_rows(ctx.s.vocab, rows, ctx.cfg.sample.text_len)
   spec_, knobs = _settings(ctx, 'text', settings)
   out, info = ctx.run(canvas, spec_, knobs, e.seed)
   filled = tasks_lib.text_ids(out, canvas, ctx.s.vocab, only_generated=True)
   hits_N = np.array([np.sum(f == ids[m]) for f, (ids, m) in zip(filled, rows)], np.float64)
   masked_N = np.array([m.sum() for _, m in rows], np.float64)
   ctx.items['text'] = (hits_N, masked_N)
-  return {'text/infill_token_acc': float(hits_N.sum() / max(masked_N.sum(), 1)),
+  acc = float(hits_N.sum() / max(masked_N.sum(), 1))
+  freq, targets = text_unigram(ctx), np.concatenate([ids[m] for ids, m in rows])
+  unigram = float(np.mean(freq[targets]))
+  return {'text/infill_token_acc': acc, 'text/infill_unigram_acc': unigram,
+          'text/infill_majority_acc': float(np.mean(targets == np.argmax(freq))),
+          'text/infill_over_unigram': acc / max(unigram, 1e-12),
           'text/samples': len(rows), 'text/seconds': info['seconds'], 'text/forward_passes': info['forward_passes']}
 
 
