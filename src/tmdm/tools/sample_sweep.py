@@ -7,11 +7,12 @@ For one task it runs the task's evaluator (evaluate.TASK_EVALUATOR) for every co
   temperature
   guidance      classifier-free guidance weight w (cross-modal tasks)
   cache         0, 1: the cached sampler (keys and values refreshed at block starts)
-and writes sweep.csv, sweep.md (a table sorted by the score below), sweep.png
-(the metric against steps, one line per rule and temperature, one panel per guidance weight; for T2I a
-second row with the diversity) and sweep_speed.png (the metric against wall time per sample). The chosen setting is the best *score*; among settings within
-`tolerance` of it (exact ties by default), the best by the task's secondary metric (evaluate.SECONDARY:
-T2I the Fréchet distance), then the one with the fewest forward passes. With --fastest it weighs
+and writes sweep.csv, sweep.md (a table sorted by the score below), sweep.png (the metric against
+steps, one line per rule and temperature, one panel per guidance weight; for T2I a second row with
+the diversity) and sweep_speed.png (the metric against wall time per sample). The chosen setting is
+the best *score*; among settings within `tolerance` of it (exact ties by default), the best by the
+task's secondary metric (evaluate.SECONDARY: T2I the Fréchet distance), then the one with the fewest
+forward passes. With --fastest it weighs
 speed instead: among the settings whose score is within the noise of the best (the 95% paired
 bootstrap interval of the score difference on the same items reaches 0, and so does that of the
 secondary metric where the evaluator gives it per item: I2T / S2T token accuracy), the one with the
@@ -103,7 +104,7 @@ def run_sweep(ctx: generate.Context, task: str, *, rules, steps, temperatures, g
     r['score'] = score(task, r, higher)
   best_row = max(rows, key=lambda r: r['score'])
   if fastest:
-    second, second_higher = evaluate.SECONDARY.get(task, (None, True))
+    _, second_higher = evaluate.SECONDARY.get(task, (None, True))
     for r in rows:
       lo, hi = sample_bench.bootstrap(_score_items(task, r, higher), _score_items(task, best_row, higher))
       r['score_delta_interval'] = (lo, hi)
