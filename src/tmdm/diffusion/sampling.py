@@ -61,7 +61,7 @@ import numpy as np
 from tmdm import vocab as vocab_lib
 from tmdm.data import pipeline
 from tmdm.diffusion import corruption, loss as loss_lib
-from tmdm.model import transformer
+from tmdm.model import layers, transformer
 
 CANVAS_KEYS = tuple(k for k in pipeline.ROW_KEYS if k != 'role') + ('cond',)  # Rows without roles, plus cond.
 
@@ -254,11 +254,6 @@ def _gather_rows(x_BL, slots_BW):
   return jnp.take_along_axis(x_BL, jnp.minimum(slots_BW, x_BL.shape[1] - 1), axis=1)
 
 
-def _scatter_rows(fill_BL, slots_BW, values_BW):
-  """fill with each row's slots set to values (slot L: dropped)."""
-  return jax.vmap(lambda f, i, v: f.at[i].set(v, mode='drop'))(fill_BL, slots_BW, values_BW)
-
-
 def block_slots(in_block_BL, window: int):
   """[B, W] positions of each row's block (in order), padded with L."""
   L = in_block_BL.shape[1]
@@ -326,9 +321,9 @@ def sample(params, canvas, rng, knobs: Knobs, *, model, vocab, diff_cfg, sharder
     out = run(x_BL, caches[0])
     uncond = run(unconditional(x_BL, cond_BL), caches[1]) if spec.guided else None
     tokens_BW, conf_BW, entropy_BW = finish(out, uncond, t_B, _gather_rows(canvas['modality'], slots_BW), rng)
-    return (_scatter_rows(jnp.zeros((B, L), jnp.int32), slots_BW, tokens_BW),
-            _scatter_rows(jnp.full((B, L), -jnp.inf), slots_BW, conf_BW),
-            _scatter_rows(jnp.full((B, L), jnp.inf), slots_BW, entropy_BW))
+    return (layers.put_rows(jnp.zeros((B, L), jnp.int32), slots_BW, tokens_BW),
+            layers.put_rows(jnp.full((B, L), -jnp.inf), slots_BW, conf_BW),
+            layers.put_rows(jnp.full((B, L), jnp.inf), slots_BW, entropy_BW))
 
   rule = SAMPLERS[spec.sampler]
   if spec.sampler == 'confidence':

@@ -191,9 +191,10 @@ class LayerCache(NamedTuple):
   slots_BW: jax.Array
 
 
-def _put_rows(full_BLHK, slots_BW, new_BWHK):
-  """full with row slots[b, w] of batch row b replaced by new[b, w] (slot L: dropped)."""
-  return jax.vmap(lambda f, i, n: f.at[i].set(n, mode='drop'))(full_BLHK, slots_BW, new_BWHK)
+def put_rows(full_BL, slots_BW, new_BW):
+  """full ([B, L, ...]) with position slots[b, w] of batch row b replaced by new[b, w] (slot L:
+  dropped): a cached step's keys and values, and the sampler's predictions scattered back."""
+  return jax.vmap(lambda f, i, n: f.at[i].set(n, mode='drop'))(full_BL, slots_BW, new_BW)
 
 
 class Attention(nn.Module):
@@ -217,8 +218,8 @@ class Attention(nn.Module):
     v = s.constrain(v, act_axes)
     impl = attention_impl(c, s)
     if cache is not None:
-      keys = s.constrain(_put_rows(cache.k_BLHK, cache.slots_BW, k), act_axes)
-      values = s.constrain(_put_rows(cache.v_BLHK, cache.slots_BW, v), act_axes)
+      keys = s.constrain(put_rows(cache.k_BLHK, cache.slots_BW, k), act_axes)
+      values = s.constrain(put_rows(cache.v_BLHK, cache.slots_BW, v), act_axes)
       mask_B1WL = segment_ids_BL[:, None, :, None] == cache.segment_ids_BL[:, None, None, :]
       out_BLHK = jax.nn.dot_product_attention(q, keys, values, mask=mask_B1WL, scale=c.attn_scale,
                                               implementation='xla')
