@@ -11,7 +11,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / 'src' / 'tmdm'
 # Lowest first. A module may import its own package and anything in a lower layer; packages that
 # share a layer do not import each other.
 LAYERS = (('errors', 'storage', 'vocab'), ('parallel',), ('model', 'tokenizers', 'data'), ('diffusion', 'optim'),
-          ('config',), ('datasets',), ('training',), ('generation',), ('evaluation',), ('tools', 'scaling'),
+          ('config',), ('datasets',), ('training',), ('generation',), ('evaluation',), ('export',), ('tools', 'scaling'),
           ('cli',))
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

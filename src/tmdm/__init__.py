@@ -12,6 +12,8 @@ layers below it (tests/test_layout.py checks every import, module-level and func
   training/               setup, state, step, checkpoints, resilience, metrics, the loop
   generation/             tasks, the sampling context, galleries
   evaluation/             evaluators and their measures
+  export/                 the model outside tmdm: Hugging Face-style export and import, the PyTorch
+                          reference (export/hf, imports nothing from tmdm), lm-evaluation-harness
   tools/ scaling/         benchmarks, compile-check, sample sweeps; scaling laws and sweeps
   cli                     the `tmdm` command
 """

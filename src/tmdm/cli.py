@@ -3,6 +3,7 @@
   tmdm prepare --config=experiments/demo.py[:preset] [--config.k=v ...]
   tmdm train   --config=experiments/demo.py[:preset] --workdir=DIR [--config.k=v ...]
   tmdm sample  --workdir=DIR [--n=4] [--prompt=TEXT] [--out=DIR] [--config.sample.k=v ...]
+  tmdm export  --workdir=DIR --out=FOLDER   /   tmdm import --from=FOLDER --workdir=NEW
   tmdm <command> --help
 
 `--host_devices=N` (any subcommand) simulates N devices on the CPU: it sets XLA_FLAGS before jax is
@@ -125,6 +126,24 @@ def bench_sample(args, overrides):
   else:
     sample_bench.bench_command(workdir='', config=args.config, task=args.task, steps=args.steps,
                                batch=args.batch, repeats=args.repeats, overrides=overrides)
+  return 0
+
+
+def export(args, overrides):
+  from tmdm.export import hf_folder  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  hf_folder.export(args.workdir, args.out, step=args.step, weights=args.weights, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_mb * 2**20), overrides=overrides)
+  print(f'exported to {args.out}')
+  return 0
+
+
+def import_(args, overrides):
+  from tmdm.export import hf_folder  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  step = hf_folder.import_folder(args.source, args.workdir, data_root=args.data_root, overrides=overrides)
+  print(f'imported {args.source} (exported at step {step}) into {args.workdir}: `tmdm sample --workdir='
+        f'{args.workdir}`, or `tmdm train` to fine-tune from it')
   return 0
 
 
@@ -251,6 +270,26 @@ def _bench_sample_args(p):
   p.add_argument('--repeats', type=int, default=3, help='timed calls per row')
 
 
+def _export_args(p):
+  p.add_argument('--workdir', required=True, help='a training workdir (local or gs://)')
+  p.add_argument('--out', required=True, help='the folder to write (local or gs://)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: the newest)')
+  p.add_argument('--weights', default='', choices=['', 'ema', 'params'],
+                 help="the weight EMA or the raw parameters (default: what sampling uses, sample.ema)")
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='dtype of the saved weights')
+  p.add_argument('--max_shard_mb', type=float, default=1024, help='largest safetensors file (MiB)')
+  _distributed_args(p)
+
+
+def _import_args(p):
+  p.add_argument('--from', dest='source', required=True, help='a folder written by `tmdm export` (local or gs://)')
+  p.add_argument('--workdir', required=True, help='the new run folder')
+  p.add_argument('--data_root', default='',
+                 help='prepared data to train or evaluate on (its tokenizers must be the exported ones); '
+                      'default: WORKDIR/data with the exported tokenizers only')
+  _distributed_args(p)
+
+
 def _bench_args(p):
   p.add_argument('what', choices=['step', 'pipeline', 'input', 'checkpoint'],
                  help='step: the train step at the yardstick shapes; pipeline: Grain alone; input: training with the '
@@ -331,6 +370,9 @@ COMMANDS = {
     'sample-sweep': Command('sweep sampler settings for a task; table, plot, --record the defaults',
                             _sample_sweep_args, sample_sweep),
     'bench-sample': Command('sampling throughput and latency against steps', _bench_sample_args, bench_sample),
+    'export': Command('write a Hugging Face-style folder: safetensors, config, tokenizers, model card, the '
+                      'PyTorch reference', _export_args, export),
+    'import': Command('make a run from an exported folder: sample, evaluate or fine-tune it', _import_args, import_),
     'bench': Command('benchmark the real train step on synthetic tokens', _bench_args, bench),
     'compile-check': Command('compile the train step for a mesh without allocating it; print memory and FLOPs',
                              _compile_check_args, compile_check),

@@ -8,6 +8,8 @@ validates the result. Every problem is a `ConfigError` whose message is one line
 import ast
 import difflib
 import importlib.util
+import json
+import logging
 import os
 
 import ml_collections
@@ -15,6 +17,8 @@ import ml_collections
 from tmdm.config import base
 from tmdm.config.checks import validate
 from tmdm.errors import ConfigError
+
+log = logging.getLogger('tmdm')
 
 
 def _flat_keys(cfg, prefix=''):
@@ -26,11 +30,35 @@ def _flat_keys(cfg, prefix=''):
       yield name
 
 
+def _merge(cfg, saved: dict, where=''):
+  """cfg <- saved for the keys cfg knows (a run written before a key existed still loads)."""
+  for key, value in saved.items():
+    if key not in cfg:
+      log.debug('ignoring %s%s from a saved config (no longer a config key)', where, key)
+    elif isinstance(cfg[key], ml_collections.ConfigDict):
+      _merge(cfg[key], value, f'{where}{key}.')
+    else:
+      cfg[key] = tuple(value) if isinstance(cfg[key], tuple) else value
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """The base config with a saved run's settings (its config.json) merged in."""
+  cfg = base.get_config()
+  _merge(cfg, saved)
+  return cfg
+
+
 def load_file(spec: str) -> ml_collections.ConfigDict:
-  """Imports `path.py[:arg]` and returns its `get_config(arg)`."""
+  """Imports `path.py[:arg]` and returns its `get_config(arg)`; a `.json` file is a run's saved config
+  (WORKDIR/config.json: e.g. fine-tuning a run made by `tmdm import`)."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'config file not found: {path}')
+  if path.endswith('.json'):
+    try:
+      return from_dict(json.loads(open(path, encoding='utf-8').read()))
+    except json.JSONDecodeError as e:
+      raise ConfigError(f'{path} is not a JSON config: {e}') from None
   module_spec = importlib.util.spec_from_file_location('_tmdm_experiment', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -18,11 +18,10 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from tmdm import errors, storage, vocab as vocab_lib
-from tmdm.config import base as base_config, loader as config_loader
+from tmdm.config import loader as config_loader
 from tmdm.data import mixture, store
 from tmdm.datasets import text
 from tmdm.diffusion import sampling
@@ -33,21 +32,10 @@ from tmdm.training import checkpoint as checkpoint_lib, setup as setup_lib, stat
 log = logging.getLogger('tmdm')
 
 
-def _merge(base, saved: dict, where=''):
-  """base <- saved for the keys base knows (a workdir written before a key existed still loads)."""
-  for key, value in saved.items():
-    if key not in base:
-      log.debug('ignoring %s%s from the workdir config (no longer a config key)', where, key)
-    elif isinstance(base[key], ml_collections.ConfigDict):
-      _merge(base[key], value, f'{where}{key}.')
-    else:
-      base[key] = tuple(value) if isinstance(base[key], tuple) else value
-
-
-def _config_from(saved: dict, overrides=()):
-  cfg = base_config.get_config()
-  _merge(cfg, saved)  # The run's own settings, sample.* included; command-line overrides win.
-  return config_loader.apply_overrides(cfg, overrides)
+def config_from_dict(saved: dict, overrides=()):
+  """The base config with a saved run's settings merged in (keys it no longer has are ignored) and
+  `overrides` applied last."""
+  return config_loader.apply_overrides(config_loader.from_dict(saved), overrides)
 
 
 def load_workdir_config(workdir, overrides=()):
@@ -55,17 +43,21 @@ def load_workdir_config(workdir, overrides=()):
   path = storage.join(workdir, 'config.json')
   if not storage.isfile(path):
     raise errors.ConfigError(f'{workdir} is not a training workdir ({path} is missing)')
-  return _config_from(json.loads(storage.read_text(path)), overrides)
+  return config_from_dict(json.loads(storage.read_text(path)), overrides)
 
 
-def checkpoint_config(workdir, overrides=()):
-  """(config, Checkpointer, step) for sampling and evaluation: the config saved inside the newest
-  checkpoint (the one its weights were trained with), config.json's when the run has none or it
-  cannot be read; `overrides` applied last."""
+def checkpoint_config(workdir, overrides=(), step=None):
+  """(config, Checkpointer, step) for sampling, evaluation and export: the config saved inside the
+  newest checkpoint (or `step`'s: the one its weights were trained with), config.json's when the run
+  has none or it cannot be read; `overrides` applied last."""
   cfg = load_workdir_config(workdir, overrides)
   ckpt = checkpoint_lib.Checkpointer(cfg.checkpoint.dir or storage.join(storage.absolute(workdir), 'checkpoints'),
                                      keep=1, async_save=False)
-  step = ckpt.latest_step()
+  if step is not None and step not in ckpt.steps():
+    have = ckpt.steps()
+    ckpt.close()
+    raise errors.ConfigError(f'{workdir} has no checkpoint of step {step} (it has {have or "none"})')
+  step = ckpt.latest_step() if step is None else step
   if step is None:
     return cfg, ckpt, None
   try:
@@ -74,7 +66,7 @@ def checkpoint_config(workdir, overrides=()):
     log.warning('cannot read the config saved with checkpoint %d (%s); using %s', step, e,
                 storage.join(workdir, 'config.json'))
     return cfg, ckpt, step
-  return _config_from(saved, overrides), ckpt, step
+  return config_from_dict(saved, overrides), ckpt, step
 
 
 @dataclasses.dataclass

@@ -205,8 +205,14 @@ def gather_data_states(data_state: dict, num_shards: int) -> dict:
   return {'num_shards': num_shards, 'shards': {k: shards[k] for k in sorted(shards, key=int)}}
 
 
-def _owned_data_states(item: dict, shards) -> dict:
-  """The iterator states of the shards this process owns, from a restored `data` item."""
+FRESH_DATA = {'fresh': True}  # The `data` item of a checkpoint with no data position (`tmdm import`).
+
+
+def _owned_data_states(item: dict, shards) -> dict | None:
+  """The iterator states of the shards this process owns, from a restored `data` item (None: start
+  the data from its beginning)."""
+  if item.get('fresh'):
+    return None
   if item['num_shards'] != shards.num_shards:
     raise DataLayoutMismatch(f'it holds the iterator states of {item["num_shards"]} data shards, this run reads '
                              f'{shards.num_shards}: set --config.data.num_shards={item["num_shards"]}')
@@ -417,10 +423,11 @@ class Checkpointer:
     return self._json_handler.restore(self._step_dir(step) / 'config', args=ocp.args.JsonRestore())
 
   def save(self, step: int, state, data_state, num_shards: int, config: dict, meta: dict):
-    """Starts a (background) save; raises CheckpointError if this or an earlier save failed."""
+    """Starts a (background) save; raises CheckpointError if this or an earlier save failed.
+    data_state None: no data position (`tmdm import`: a run from it reads its data from the start)."""
     meta = dict(meta, step=step, time=time.time(), **{FINGERPRINT_KEY: np.asarray(fingerprint(state)).tolist()})
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(gather_data_states(data_state, num_shards)),
+    data = FRESH_DATA if data_state is None else gather_data_states(data_state, num_shards)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                               config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
     try:
       self.manager.check_for_errors()

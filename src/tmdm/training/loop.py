@@ -50,7 +50,7 @@ def _check_resumable(meta: dict, cfg, manifests, shards, ckpt_dir):
   if meta.get('num_shards', shards.num_shards) != shards.num_shards:
     raise errors.ConfigError(f'the checkpoint in {ckpt_dir} was written with {meta["num_shards"]} data shards, '
                                  f'this run has {shards.num_shards}: set --config.data.num_shards={meta["num_shards"]}')
-  saved_data = meta.get('config', {}).get('data', {})
+  saved_data = {} if meta.get('imported_from') else meta.get('config', {}).get('data', {})
   was = sorted(k for k in mixture.COMPONENTS if saved_data.get(f'mix_{k}', 0) > 0)
   if saved_data and was != sorted(mixture.weights(cfg)):  # The iterator state holds one state per component.
     keys = ', '.join(f'data.mix_{k} ({saved_data.get(f"mix_{k}", 0)!r} in the checkpoint, {cfg.data[f"mix_{k}"]!r} '
@@ -122,7 +122,9 @@ def init_or_restore(s: setup_lib.Setup, ckpt, data_iter, manifests, shards, *, r
   if found is None:
     return train_state.create(s.model, s.tx, s.sharder, s.seq_len, s.cfg.seed), 0
   state, data_state, _, step = found
-  if restore_data:
+  if data_state is None:
+    log.info('checkpoint %d has no data position (imported weights): the data starts from its beginning', step)
+  elif restore_data:
     try:
       data_iter.set_state(data_state)
     except Exception as e:  # pylint: disable=broad-except  (a pipeline change; the checkpoint read fine)
