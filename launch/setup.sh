@@ -16,6 +16,7 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# TMDM_EXTRAS: the optional extras to install (launch/test.sh adds `tpu`: libtpu, ~680 MB, so that
+# TMDM_EXTRAS: the optional extras to install (launch/test.sh adds `export`: torch CPU, transformers and
+# lm-eval for the PyTorch reference and `tmdm lm-eval`; and `tpu`: libtpu, ~680 MB, so that
 # `tmdm compile-check --topology` compiles for TPU chips on this host and its tests run).
 .venv/bin/pip install -q --disable-pip-version-check -e ".[${TMDM_EXTRAS:-test}]"

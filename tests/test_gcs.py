@@ -237,6 +237,20 @@ def test_prepare_and_train_in_a_bucket_killed_and_resumed(gcs, tmp_path):
       if 'loss' in acc.Tags()['scalars']:
         steps |= {e.step for e in acc.Scalars('loss')}
     assert steps >= set(range(saved[-1] + 1, 31))
+
+  # `tmdm export` from the bucket to the bucket: the same bytes as the export of the local run, which
+  # trained to the same losses; then `tmdm import` of the bucket's folder.
+  from tmdm.export import hf_folder  # pylint: disable=import-outside-toplevel
+  exported = f'{gcs}/export'
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={exported}']) == 0
+  hf_folder.export(straight, str(tmp_path / 'export'))
+  for name in ('model-00001-of-00001.safetensors', hf_folder.INDEX, 'config.json', 'generation_config.json',
+               'tokenizer.model', 'modeling_tmdm.py'):
+    with open(tmp_path / 'export' / name, 'rb') as f:
+      assert storage.read_bytes(f'{exported}/{name}') == f.read(), name
+  assert json.loads(storage.read_text(f'{exported}/config.json'))['tmdm']['step'] == 30
+  assert hf_folder.import_folder(exported, str(tmp_path / 'imported'), data_root=data_root) == 30
+  assert os.path.isdir(tmp_path / 'imported' / 'checkpoints' / '0')
   for folder in (str(tmp_path), REPO, os.getcwd()):
     assert not os.path.exists(os.path.join(folder, 'gs:')), f'a local gs: folder appeared in {folder}'
 

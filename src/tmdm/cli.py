@@ -147,6 +147,22 @@ def import_(args, overrides):
   return 0
 
 
+def lm_eval_(args, overrides):
+  from tmdm.export import lm_eval_model  # pylint: disable=import-outside-toplevel
+  _start_distributed(args)
+  summary = lm_eval_model.command(args.workdir, args.tasks, include_path=args.include_path, draws=args.draws,
+                                  seed=args.seed, limit=args.limit, batch=args.batch, out_path=args.out,
+                                  overrides=overrides)
+  for task, metrics in summary['results'].items():
+    for key, value in metrics.items():
+      if isinstance(value, float):
+        print(f'{task:24s} {key:28s} {value:.4f}')
+  if summary['loglikelihood_mc_stderr_mean'] is not None:
+    print(f'mean Monte Carlo standard error of the {summary["scores"]} scores ({args.draws} draws each): '
+          f'{summary["loglikelihood_mc_stderr_mean"]:.4f} nats')
+  return 0
+
+
 def bench(args, overrides):
   from tmdm.tools import bench as bench_lib  # pylint: disable=import-outside-toplevel
   return bench_lib.bench_command(args, overrides)
@@ -290,6 +306,18 @@ def _import_args(p):
   _distributed_args(p)
 
 
+def _lm_eval_args(p):
+  p.add_argument('--workdir', required=True, help='a training workdir (its latest checkpoint is used)')
+  p.add_argument('--tasks', required=True, help='lm-eval task names (comma list)')
+  p.add_argument('--include_path', default='', help='a folder of local task YAMLs (no hub access needed)')
+  p.add_argument('--draws', type=int, default=16, help='Monte Carlo draws of the ELBO per scored continuation')
+  p.add_argument('--seed', type=int, default=0, help='seed of the draws and of the harness')
+  p.add_argument('--limit', type=int, default=None, help='at most this many documents per task')
+  p.add_argument('--batch', type=int, default=32, help='rows per forward pass')
+  p.add_argument('--out', default=None, help='results JSON (default: WORKDIR/lm_eval_STEP.json)')
+  _distributed_args(p)
+
+
 def _bench_args(p):
   p.add_argument('what', choices=['step', 'pipeline', 'input', 'checkpoint'],
                  help='step: the train step at the yardstick shapes; pipeline: Grain alone; input: training with the '
@@ -373,6 +401,8 @@ COMMANDS = {
     'export': Command('write a Hugging Face-style folder: safetensors, config, tokenizers, model card, the '
                       'PyTorch reference', _export_args, export),
     'import': Command('make a run from an exported folder: sample, evaluate or fine-tune it', _import_args, import_),
+    'lm-eval': Command('score a run with lm-evaluation-harness (Monte Carlo ELBO likelihoods, the text sampler)',
+                       _lm_eval_args, lm_eval_),
     'bench': Command('benchmark the real train step on synthetic tokens', _bench_args, bench),
     'compile-check': Command('compile the train step for a mesh without allocating it; print memory and FLOPs',
                              _compile_check_args, compile_check),
