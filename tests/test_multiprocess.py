@@ -193,3 +193,28 @@ def test_hosts_with_different_tokenizers_refuse_to_train(text_data, tmp_path):
     assert p.returncode == 2, out[-3000:]
     assert 'processes [1] read datasets (text) tokenized by other tokenizers than process 0' in out, out[-3000:]
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+@pytest.mark.slow
+def test_two_process_export_writes_the_bytes_of_one(text_data, tmp_path):
+  """`tmdm export` of an FSDP run (every weight split across both processes): 2 processes x 4 devices
+  gather leaf by leaf and process 0 writes the same files as 1 process x 8 devices, several
+  safetensors files included."""
+  workdir = str(tmp_path / 'run')
+  cfg = config_loader.load(SMOKE + ':mesh181', [f'--config.{k}={v}' for k, v in KV.items()], num_devices=8)
+  cfg.data.root = text_data
+  train.run(cfg, workdir)
+  folders = []
+  for n in (1, 2):
+    out = str(tmp_path / f'export{n}')
+    procs = _start(['export', f'--workdir={workdir}', f'--out={out}', '--max_shard_mb=0.1'], processes=n)
+    for p in procs:
+      text = p.communicate(timeout=600)[0]
+      assert p.returncode == 0, text[-3000:]
+    folders.append(out)
+  names = sorted(os.listdir(folders[0]))
+  assert names == sorted(os.listdir(folders[1]))
+  assert len([n for n in names if n.endswith('.safetensors')]) > 2
+  for name in names:
+    with open(os.path.join(folders[0], name), 'rb') as a, open(os.path.join(folders[1], name), 'rb') as b:
+      assert a.read() == b.read(), name
