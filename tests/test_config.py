@@ -20,7 +20,7 @@ def test_presets_and_typed_overrides():
 
 @pytest.mark.parametrize('overrides, message', [
     (['--config.optim.lrr=1'], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    (['--config.train.num_steps=2.5'], 'bad value for train.num_steps'),
+    (['--config.train.num_steps=2.5'], "--config.train.num_steps: expected an integer, got '2.5'"),
     (['--config.train.batch_size=10', '--config.mesh.data=4', '--config.mesh.fsdp=2'],
      'batch of 10 rows per microbatch (train.batch_size 10 / microbatches 1) is not divisible by the 8 batch shards'),
     (['--config.mesh.data=4', '--config.mesh.fsdp=4'], 'is larger than the 8 visible devices'),

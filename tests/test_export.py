@@ -208,3 +208,19 @@ def test_import_samples_bit_for_bit_and_fine_tunes(run, tmp_path):
   loop.run(fresh, str(tmp_path / 'scratch'))
   scratch = [r for r in metrics.read_metrics(str(tmp_path / 'scratch')) if 'loss/image' in r]
   assert rows[0]['loss/image'] != scratch[0]['loss/image']  # it trained from the imported weights
+
+
+def test_sample_inputs_skip_an_unreadable_file_by_name(run, tmp_path, caplog):
+  """`tmdm sample --input` (issue 28): an empty PNG is named and left out, the other input is sampled;
+  when no input can be read, one line says so."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  ctx = generate.Context.from_workdir(run[0])
+  good, empty = str(tmp_path / 'good.png'), str(tmp_path / 'empty.png')
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(good)
+  open(empty, 'wb').close()
+  out = generate.file_conditions(ctx, 'i2t', [empty, good])
+  codes, items, names = out['conditions']
+  assert names == ['good.png'] and len(codes) == len(items) == 1
+  assert any('skipping' in r.message and 'empty.png' in r.message for r in caplog.records)
+  with pytest.raises(Exception, match='none of the 1 input files could be read'):
+    generate.file_conditions(ctx, 'i2t', [empty])

@@ -102,7 +102,8 @@ def test_lm_eval_multiple_choice_trained_beats_untrained(facts_run):
   model = lm_eval_model.lm_class()(scorer=untrained)
   import lm_eval  # pylint: disable=import-outside-toplevel
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-  base = lm_eval.simple_evaluate(model=model, tasks=['animal_numbers'], task_manager=TaskManager(include_path=tasks),
+  manager = TaskManager(include_path=tasks, include_defaults=False)
+  base = lm_eval.simple_evaluate(model=model, tasks=['animal_numbers'], task_manager=manager,
                                  bootstrap_iters=0, log_samples=False)
   base_acc = base['results']['animal_numbers']['acc,none']
   print(f'animal_numbers acc: trained {acc:.3f}, untrained {base_acc:.3f}; mean MC stderr '

@@ -139,6 +139,7 @@ def test_prepare_skips_ready_pairs_and_refuses_changed_settings(image_data, audi
   with caplog.at_level('INFO', logger='tmdm'):
     assert commands.prepare(args, overrides) == 0
   assert 'image dataset' in caplog.text and 'audio dataset' in caplog.text and caplog.text.count('is ready') == 3
-  with pytest.raises(errors.ConfigError, match='holds an image dataset built with other image'):
+  changed = r'holds an image dataset built with other settings: image.train_steps \(150 in the dataset, 7 now\)'
+  with pytest.raises(errors.ConfigError, match=changed):
     commands.prepare(args, overrides + ['--config.image.train_steps=7'])
   json.dumps(img)  # Settings are plain JSON.

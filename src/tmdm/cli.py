@@ -413,6 +413,10 @@ COMMANDS = {
 }
 
 
+COMMON_FLAGS = ('Every subcommand also takes --host_devices=N (simulate N CPU devices) and --config.KEY=VALUE '
+                '(override any key of src/tmdm/config/base.py, e.g. --config.train.num_steps=100).')
+
+
 def main(argv=None):
   argv = _take_host_devices(sys.argv[1:] if argv is None else list(argv))
   _pin_prepare_backend(argv)
@@ -424,10 +428,10 @@ def main(argv=None):
   logging.getLogger('gcsfs').setLevel(logging.ERROR)  # It warns on every gs:// call when it cannot tell a bucket's type.
 
   parser = argparse.ArgumentParser(prog='tmdm', description='Tri-modal masked diffusion pretraining.',
-                                   epilog='Any subcommand also takes --host_devices=N and --config.KEY=VALUE.')
+                                   epilog=COMMON_FLAGS)
   sub = parser.add_subparsers(dest='command', required=True)
   for name, command in COMMANDS.items():
-    command.add_arguments(sub.add_parser(name, help=command.help))
+    command.add_arguments(sub.add_parser(name, help=command.help, epilog=COMMON_FLAGS))
   args = parser.parse_args(argv)
   try:
     return COMMANDS[args.command].run(args, overrides)

@@ -97,12 +97,18 @@ def _parse_value(text: str, current):
     try:
       return int(text)
     except ValueError:
-      as_float = float(text)  # Accept 1e5 for an integer key, but not 2.5.
+      try:
+        as_float = float(text)  # Accept 1e5 for an integer key, but not 2.5.
+      except ValueError:
+        raise ValueError(f'expected an integer, got {text!r}') from None
       if not as_float.is_integer():
         raise ValueError(f'expected an integer, got {text!r}') from None
       return int(as_float)
   if isinstance(current, float):
-    return float(text)
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f'expected a number, got {text!r}') from None
   if isinstance(current, str):
     return text
   return ast.literal_eval(text)
@@ -125,7 +131,7 @@ def apply_overrides(cfg, overrides):
     try:
       node[leaf] = _parse_value(raw, node[leaf])
     except (ValueError, TypeError, SyntaxError) as e:
-      raise ConfigError(f'bad value for {key}: {raw!r} ({e})') from None
+      raise ConfigError(f'--config.{key}: {e}') from None
   return cfg
 
 

@@ -9,12 +9,15 @@ process count, and the iterator state saved with a checkpoint is a per-shard sta
 import dataclasses
 import hashlib
 import json
+import logging
 
 import jax
 import numpy as np
 
 from tmdm.data import mixture, pipeline, store
 from tmdm.errors import ConfigError
+
+log = logging.getLogger('tmdm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,5 +108,9 @@ def eval_batches(cfg, vocab, sharder, shards: DataShards) -> dict:
       batches.append(pipeline.to_global(local, sharder))
       if len(batches) == cfg.train.eval_batches:
         break
+    if not batches:  # Not silent: a component too small for one batch would just lose its validation.
+      log.warning('no %s validation: its held-out split fills no batch of %d rows (%d per data shard); hold out '
+                  'more (e.g. a larger %s) or lower train.batch_size', name, rows_per_step(cfg), rows_per_shard,
+                  'data.val_fraction' if name == 'text' else f'{name}.val_fraction')
     out[name] = batches
   return out

@@ -193,6 +193,8 @@ def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
         clips.append((transcript, wave_S))
         got += 1
       if cfg.max_items and got >= cfg.max_items:
+        log(f'audio source {name!r}: stopped at audio.max_items={cfg.max_items} clips; the rest of the source was '
+            'not read (set --config.audio.max_items=0 to read all of it)')
         break
     per_source[name] = got
   ids = text_tokenizer.encode([t for t, _ in clips]) if clips else []

@@ -269,7 +269,7 @@ class _Modality:
 
 
 MODALITIES = {
-    'image': _Modality('image', src.image_tasks, src.read_image_task, src.decode_image, lambda c: c.size,
+    'image': _Modality('image', src.image_tasks, src.read_image_task, src.decode_image, lambda c: (c.size, c.fit),
                        src.IMAGE_SKIPS),
     'audio': _Modality('audio', src.audio_tasks, src.read_audio_task, src.decode_audio, lambda c: c, src.AUDIO_SKIPS),
 }

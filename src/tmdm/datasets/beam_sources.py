@@ -137,8 +137,8 @@ def read_text_task(task):
     for i, doc in enumerate(text.CORPORA[arg]()):
       yield ITEM, (s, 0, i), doc
   elif kind == 'txt':
-    with io.TextIOWrapper(open_binary(arg), encoding='utf-8', errors='replace') as f:
-      doc = f.read().strip()
+    with open_binary(arg) as f:
+      doc = text.decode_utf8(f.read(), arg).strip()  # A file that is not UTF-8 stops the build, as in text.py.
     yield (ITEM, (s, 0, p), doc) if doc else (SKIP, (s, 0, p), 'empty_text')
   else:
     for n, line in jsonl_lines(arg):
@@ -205,7 +205,7 @@ def _replay_builtin_images(sources, cfg):
   for s, name in sources:
     counts = dict.fromkeys(IMAGE_SKIPS, 0)
     got = 0
-    for item in image.read_source(name, cfg.size, rng, counts):
+    for item in image.read_source(name, cfg.size, rng, counts, cfg.fit):
       if not item.caption.strip():
         counts['empty_caption'] += 1
         continue
@@ -234,11 +234,11 @@ def _image_line(line, key, folder):
   return TASK, key, (full, caption.strip())
 
 
-def decode_image(key, job, size):
+def decode_image(key, job, size_fit):
   full, caption = job
   try:
     with Image.open(io.BytesIO(read_bytes(full))) as img:
-      pixels = image.to_rgb(img, size)
+      pixels = image.to_rgb(img, *size_fit)
   except (OSError, ValueError, TypeError, Image.DecompressionBombError):
     return SKIP, key, 'unreadable_image'
   return ITEM, key, pair_payload(f'user-{full}', caption, pixels)

@@ -48,11 +48,27 @@ class Item:
   label: int = -1  # Digit class, -1 for anything else.
 
 
-def to_rgb(img: Image.Image, size: int) -> np.ndarray:
-  """Any PIL image -> uint8 [size, size, 3], transparency composited on white."""
+FITS = ('pad', 'crop', 'stretch')  # image.fit: how a non-square image becomes size x size
+
+
+def to_rgb(img: Image.Image, size: int, fit: str = 'pad') -> np.ndarray:
+  """Any PIL image -> uint8 [size, size, 3], transparency composited on white. A non-square image
+  keeps its aspect ratio: 'pad' centres it on white, 'crop' takes its centre square; 'stretch'
+  resizes it to the square regardless. Square images are the same under all three."""
+  if fit not in FITS:
+    raise ValueError(f'image.fit must be one of {", ".join(FITS)} (got {fit!r})')
   rgba = img.convert('RGBA')
   white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
   rgb = Image.alpha_composite(white, rgba).convert('RGB')
+  w, h = rgb.size
+  if w != h and fit == 'pad':
+    square = Image.new('RGB', (max(w, h), max(w, h)), (255, 255, 255))
+    square.paste(rgb, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    rgb = square
+  elif w != h and fit == 'crop':
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    rgb = rgb.crop((left, top, left + side, top + side))
   if rgb.size != (size, size):
     rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
   return np.asarray(rgb, np.uint8)
@@ -124,7 +140,7 @@ def tokenizer_quality(root, tokenizer, images, codes, labels) -> dict:
   return quality
 
 
-def read_pairs_jsonl(path, size, rng, counts, image_key='image'):
+def read_pairs_jsonl(path, size, rng, counts, image_key='image', fit='pad'):
   """User pairs: {"image": path, "caption": text} per line; image paths relative to the file's folder."""
   del rng
   if not os.path.isfile(path):
@@ -147,7 +163,7 @@ def read_pairs_jsonl(path, size, rng, counts, image_key='image'):
       full = os.path.join(folder, image_path)
       try:
         with Image.open(full) as img:
-          pixels = to_rgb(img, size)
+          pixels = to_rgb(img, size, fit)
       except (OSError, ValueError, TypeError):
         counts['unreadable_image'] += 1
         continue
@@ -156,13 +172,13 @@ def read_pairs_jsonl(path, size, rng, counts, image_key='image'):
 
 IMAGE_SOURCES = {'digits': read_digits, 'adwaita': read_adwaita}
 USER_IMAGE_SOURCES = {'jsonl': read_pairs_jsonl,
-                      'folder': lambda d, *a: read_pairs_jsonl(os.path.join(d, 'captions.jsonl'), *a)}
+                      'folder': lambda d, *a, **k: read_pairs_jsonl(os.path.join(d, 'captions.jsonl'), *a, **k)}
 
 
-def read_source(name, size, rng, counts):
+def read_source(name, size, rng, counts, fit='pad'):
   kind, sep, arg = name.partition(':')
   if sep and kind in USER_IMAGE_SOURCES:
-    return USER_IMAGE_SOURCES[kind](arg, size, rng, counts)
+    return USER_IMAGE_SOURCES[kind](arg, size, rng, counts, fit=fit)
   if name not in IMAGE_SOURCES:
     raise text.MissingCorpus(f'unknown image source {name!r} (choices: {", ".join(IMAGE_SOURCES)}, '
                              'jsonl:PATH, folder:DIR)')
@@ -194,12 +210,14 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
   items, per_source = [], {}
   for name in [s.strip() for s in cfg.sources.split(',') if s.strip()]:
     got = []
-    for item in progress(read_source(name, cfg.size, rng, counts), desc=f'reading {name}', unit='img'):
+    for item in progress(read_source(name, cfg.size, rng, counts, cfg.fit), desc=f'reading {name}', unit='img'):
       if not item.caption.strip():
         counts['empty_caption'] += 1
         continue
       got.append(item)
       if cfg.max_items and len(got) >= cfg.max_items:
+        log(f'image source {name!r}: stopped at image.max_items={cfg.max_items} pairs; the rest of the source was '
+            'not read (set --config.image.max_items=0 to read all of it)')
         break
     per_source[name] = len(got)
     items.extend(got)

@@ -21,7 +21,10 @@ rebuild (--force) deletes the old manifest first, then the old objects.
 
 import contextlib
 import functools
+import glob
 import logging
+import os
+import shutil
 import time
 
 import tqdm
@@ -60,11 +63,37 @@ def _building(root):
     yield local
 
 
+def check_pair_sources(mod: str, spec: str):
+  """A one-line error for an image or audio source that cannot be read, before anything is built (a
+  missing file would otherwise surface only after the text dataset was built)."""
+  builtin = image.IMAGE_SOURCES if mod == 'image' else {}
+  for name in (x.strip() for x in spec.split(',') if x.strip()):
+    kind, sep, arg = name.partition(':')
+    if name in builtin:
+      continue
+    if sep and kind == 'espeak' and mod == 'audio':
+      if shutil.which('espeak-ng') is None:
+        raise text.MissingCorpus(f'{mod}.sources has {name!r} but espeak-ng is missing: `apt-get install espeak-ng`')
+      continue
+    path = storage.join(arg, 'captions.jsonl') if kind == 'folder' and mod == 'image' else arg
+    if not sep or kind not in (('jsonl', 'folder') if mod == 'image' else ('jsonl',)):
+      choices = ', '.join(list(builtin) + (['jsonl:PATH', 'folder:DIR'] if mod == 'image' else
+                                           ['espeak:CORPUS', 'jsonl:PATH']))
+      raise text.MissingCorpus(f'{mod}.sources: unknown source {name!r} (choices: {choices})')
+    found = (storage.exists(path) if storage.is_url(path) else
+             bool(glob.glob(path)) if any(c in path for c in '*?[') else os.path.isfile(path))
+    if not found:
+      raise text.MissingCorpus(f'{mod}.sources: {path} not found (from {name!r})')
+
+
 def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = '', beam_options: str = '') -> int:
   """The text dataset, then the image-text and audio-text ones the config trains on (data.mix_image,
   data.mix_audio > 0; captions through the text tokenizer); each is skipped when already built with
   the same settings, rebuilt with --force. beam_runner: build them with that Beam runner (and the
   pipeline flags in beam_options) instead of in this process."""
+  for mod in ('image', 'audio'):
+    if cfg.data[f'mix_{mod}'] > 0 and cfg[mod].sources.strip():
+      check_pair_sources(mod, cfg[mod].sources)
   build_text, build_image, build_audio = _builders(cfg, beam_runner, beam_options)
   root = shards_lib.text_root(cfg)
   sources = [x.strip() for x in cfg.data.text_sources.split(',') if x.strip()]
@@ -95,11 +124,14 @@ def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = 
       continue
     settings = pairs.settings_of(section, text_tok.sha256)
     if storage.isfile(storage.join(pair_root, store.MANIFEST)) and not force:
-      if store.read_manifest(pair_root)['source'].get('settings') == settings:
+      saved = store.read_manifest(pair_root)['source'].get('settings') or {}
+      if saved == settings:
         log.info('%s dataset %s is ready (use --force to rebuild)', mod, pair_root)
         continue
-      raise ConfigError(f'{pair_root} holds an {mod} dataset built with other {mod}.* settings or another '
-                        f'text tokenizer; use --force or another {mod}.name')
+      differ = [f'{mod}.{k} ({saved.get(k, "absent")!r} in the dataset, {settings.get(k, "absent")!r} now)'
+                for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+      raise ConfigError(f'{pair_root} holds an {mod} dataset built with other settings: {", ".join(differ[:3])}; '
+                        f'use --force to rebuild it or another {mod}.name')
     start = time.time()
     with _building(pair_root) as local:
       pair_manifest = build(local, text_tokenizer=text_tok, cfg=section, progress=progress, log=log.info)

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,7 +24,9 @@ import sentencepiece as spm
 
 from tmdm import storage
 from tmdm.data import store
-from tmdm.errors import MissingCorpus
+from tmdm.errors import ConfigError, MissingCorpus
+
+log = logging.getLogger('tmdm')
 
 NEWLINE = '<n>'  # SentencePiece folds whitespace; newlines survive as this symbol.
 FORTUNE_DIR = '/usr/share/games/fortunes'
@@ -86,19 +89,36 @@ def read_files(pattern):
   paths = sorted(glob.glob(pattern, recursive=True))
   if not paths:
     raise MissingCorpus(f'no files match {pattern!r}')
+  empty = 0
   for path in paths:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      doc = f.read().strip()
+    with open(path, 'rb') as f:
+      doc = decode_utf8(f.read(), path).strip()
     if doc:
       yield doc
+    else:
+      empty += 1
+  if empty:
+    log.warning('%d of the %d files of %r are empty and were skipped', empty, len(paths), pattern)
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+  """UTF-8 text, or a one-line error naming the file and the first byte that is not UTF-8 (a Latin-1
+  file would otherwise become replacement characters, silently)."""
+  try:
+    return data.decode('utf-8').replace('\r\n', '\n').replace('\r', '\n')  # Newlines as text mode reads them.
+  except UnicodeDecodeError as e:
+    raise MissingCorpus(f'{where}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); text sources must '
+                        'be UTF-8: convert it first, e.g. `iconv -f latin1 -t utf-8`') from None
 
 
 def read_jsonl(path):
   """`jsonl:PATH`: one JSON object per line with a "text" field."""
   if not os.path.isfile(path):
     raise MissingCorpus(f'{path} not found')
-  with open(path, encoding='utf-8') as f:
+  with open(path, encoding='utf-8', errors='surrogateescape') as f:  # Lines as text mode splits them.
     for n, line in enumerate(f, 1):
+      if any('\udc80' <= c <= '\udcff' for c in line):  # A byte that is not UTF-8, kept as a surrogate.
+        decode_utf8(line.encode('utf-8', 'surrogateescape'), f'{path}:{n}')
       if not line.strip():
         continue
       try:
@@ -109,7 +129,19 @@ def read_jsonl(path):
         yield doc
 
 
-CORPORA = {'fortunes': read_fortunes, 'kjv': read_kjv, 'gcide': read_gcide}
+DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+
+
+def read_numbers(count: int = 6000, seed: int = 0):
+  """Sequences of three or four digit words ("seven two nine"), generated: a closed-vocabulary corpus
+  for speech (`audio.sources=espeak:numbers`), whose transcripts the audio alone decides (no template
+  words around what the condition says)."""
+  rng = np.random.default_rng(seed)
+  for _ in range(count):
+    yield ' '.join(DIGIT_WORDS[d] for d in rng.integers(0, 10, int(rng.integers(3, 5))))
+
+
+CORPORA = {'fortunes': read_fortunes, 'kjv': read_kjv, 'gcide': read_gcide, 'numbers': read_numbers}
 USER_CORPORA = {'txt': read_files, 'jsonl': read_jsonl}  # 'kind:argument' entries of data.text_sources
 
 
@@ -152,13 +184,24 @@ def train_tokenizer(docs, model_prefix, vocab_size, max_docs):
   model written under model_prefix records that path, so the same data in another folder would hash
   differently). Writes MODEL_PREFIX.model only (no .vocab listing: nothing reads it)."""
   model = io.BytesIO()
+  try:
+    _train_spm(docs, model, vocab_size, max_docs)
+  except RuntimeError as e:
+    most = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e))
+    if most:
+      raise ConfigError(f'vocab.text_size={most.group(1)} is more pieces than this corpus supports (at most '
+                        f'{most.group(2)}): set --config.vocab.text_size={most.group(2)} or lower, or add text') from None
+    raise
+  storage.write_bytes(model_prefix + '.model', model.getvalue())
+  return TextTokenizer(model_prefix + '.model')
+
+
+def _train_spm(docs, model, vocab_size, max_docs):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([d.replace('\n', NEWLINE) for d in docs[:max_docs]]), model_writer=model,
       vocab_size=vocab_size, model_type='unigram', character_coverage=0.9995,
       unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, user_defined_symbols=[NEWLINE],
       max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
-  storage.write_bytes(model_prefix + '.model', model.getvalue())
-  return TextTokenizer(model_prefix + '.model')
 
 
 def _is_val(doc: str, fraction: float) -> bool:

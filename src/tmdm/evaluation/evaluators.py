@@ -141,6 +141,10 @@ def text_infill(ctx: generate.Context, settings=None) -> dict:
   from tmdm.generation import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
   e = ctx.cfg.eval
   rows = infill_rows(ctx)
+  if not rows:
+    log.warning('skipping text_infill: no held-out document of 8 tokens or more in %s (hold out more: '
+                'data.val_fraction)', ctx.root('text'))
+    return {}
   canvas = tasks_lib.text_rows(ctx.s.vocab, rows, ctx.cfg.sample.text_len)
   spec_, knobs = _settings(ctx, 'text', settings)
   out, info = ctx.run(canvas, spec_, knobs, e.seed)
@@ -215,6 +219,9 @@ def t2s(ctx: generate.Context, settings=None) -> dict:
 def _caption_task(ctx, task, settings, records):
   """Captions / transcripts of held-out records, each in a slot of its reference's length."""
   kind = 'image' if task == 'i2t' else 'audio'
+  if not records:
+    raise errors.DataError(f'{task}: the {kind} dataset {ctx.root(kind)} holds no held-out pairs (hold out more: '
+                           f'{kind}.val_fraction)')
   codes = np.stack([r[kind] for r in records])
   refs = [ctx.tokenizer('text').decode(r['text']) for r in records]
   inputs = list(ctx.tokenizer(kind).decode(codes))  # shown in the eval gallery
@@ -276,8 +283,23 @@ def names(spec_: str) -> list[str]:
 NEEDS = {'text_infill': 'text', 't2i_digits': 'image', 'i2t': 'image', 't2s': 'audio', 's2t': 'audio'}
 
 
+# Evaluators that judge with a reference of their own need the data it fits: the digit classifier
+# reads digits, the T2S score compares with espeak-ng's rendering of the transcript.
+NEEDS_SOURCE = {'t2i_digits': ('image', 'digits'), 't2s': ('audio', 'espeak:')}
+
+
+def _sources(ctx, kind) -> list:
+  """The sources the run's `kind` dataset was built from (its manifest), [] when unknown."""
+  from tmdm.data import mixture, store  # pylint: disable=import-outside-toplevel
+  try:
+    settings = store.read_manifest(mixture.root(ctx.cfg, kind))['source'].get('settings', {})
+  except (store.DataError, OSError):
+    return []
+  return [x.strip() for x in str(settings.get('sources', '')).split(',') if x.strip()]
+
+
 def run(ctx: generate.Context, which) -> dict:
-  """The named evaluators, skipping those whose data kind the run did not train on."""
+  """The named evaluators, skipping (with a log line) those whose data the run did not train on."""
   from tmdm.data import mixture  # pylint: disable=import-outside-toplevel
   trained = mixture.weights(ctx.cfg)
   out = {}
@@ -285,6 +307,12 @@ def run(ctx: generate.Context, which) -> dict:
     if name in NEEDS and NEEDS[name] not in trained:
       log.info('skipping %s: the run has no %s data', name, NEEDS[name])
       continue
+    if name in NEEDS_SOURCE:
+      kind, source = NEEDS_SOURCE[name]
+      have = _sources(ctx, kind)
+      if have and not any(s == source or (source.endswith(':') and s.startswith(source)) for s in have):
+        log.warning('skipping %s: it needs %s data from %r, this run\'s is from %s', name, kind, source, ', '.join(have))
+        continue
     log.info('evaluating %s', name)
     out.update(EVALUATORS[name](ctx))
   return out

@@ -260,15 +260,32 @@ def file_conditions(ctx: Context, task: str, paths, prompts=()):
   from tmdm.tokenizers import audio as audio_tok  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   t = tasks_lib.TASKS[task]
-  if t.kind == 'image':
-    items = []
+  paths, unreadable = list(paths), []
+
+  def readable(read):  # A file that cannot be read is named and left out; the others are sampled.
+    items, kept = [], []
     for p in paths:
-      with Image.open(p) as img:
-        items.append(image.to_rgb(img, ctx.cfg.image.size).astype(np.float32) / 255)
+      try:
+        items.append(read(p))
+        kept.append(p)
+      except Exception as e:  # pylint: disable=broad-except  (PIL, scipy and our readers raise many kinds)
+        unreadable.append(p)
+        log.warning('skipping %s: cannot read it as %s (%s)', p, 'an image' if t.kind == 'image' else 'a WAV',
+                    str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+    if unreadable and not kept and not prompts:
+      raise errors.ConfigError(f'none of the {len(paths)} input files could be read (first: {unreadable[0]})')
+    return items, kept
+
+  def read_image(p):
+    with Image.open(p) as img:
+      return image.to_rgb(img, ctx.cfg.image.size, ctx.cfg.image.fit).astype(np.float32) / 255
+
+  if t.kind == 'image':
+    items, paths = readable(read_image)
     names = [os.path.basename(p) for p in paths]
   else:
     a = ctx.cfg.audio
-    waves = [audio.condition(*audio.read_wav(p), a.sample_rate) for p in paths]
+    waves, paths = readable(lambda p: audio.condition(*audio.read_wav(p), a.sample_rate))
     voice = a.voices.split(',')[0].strip()
     waves += [audio.condition(*audio.espeak(p, voice, ctx.cfg.eval.t2s_speed), a.sample_rate) for p in prompts]
     samples = int(round(a.seconds * a.sample_rate))
