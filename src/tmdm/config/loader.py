@@ -56,7 +56,8 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'config file not found: {path}')
   if path.endswith('.json'):
     try:
-      return from_dict(json.loads(open(path, encoding='utf-8').read()))
+      with open(path, encoding='utf-8') as f:
+        return from_dict(json.load(f))
     except json.JSONDecodeError as e:
       raise ConfigError(f'{path} is not a JSON config: {e}') from None
   module_spec = importlib.util.spec_from_file_location('_tmdm_experiment', path)
