@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmdm import errors, storage, vocab as vocab_lib
+from tmdm import errors, storage
 from tmdm.diffusion import loss as loss_lib
 from tmdm.generation import generate, tasks as tasks_lib
 
