@@ -276,3 +276,25 @@ def test_same_seed_gives_bitwise_identical_runs(text_data, tmp_path):
   train.run(_cfg(text_data, **kv), str(tmp_path / 'b'))
   a, b = _losses(str(tmp_path / 'a')), _losses(str(tmp_path / 'b'))
   assert list(a.values()) == list(b.values()) and len(a) == 6
+
+
+def test_goodput_of_a_restart_that_found_no_checkpoint(tmp_path):
+  """A run killed before its first checkpoint completed restarts from step 0 and its rows are dropped
+  from the log: the restart row still carries the first start, so the wall time covers the lost work.
+  (Under load, the kill-9 test above once hit this: lost 7.5 s against a wall of 5.5 s.)"""
+  workdir = str(tmp_path)
+  first = metrics.MetricWriter(workdir, tensorboard=False)
+  for step in (1, 2, 3):  # The killed attempt: started at t=100, one second per step.
+    first.write(step, {'loss': 1.0, 'goodput/productive_s': 1.0, 'goodput/time': 100.0 + step,
+                       'goodput/run_start': 100.0})
+  first.close()
+  restart = goodput.restart_row(workdir, 0, now=110.0)
+  second = metrics.MetricWriter(workdir, tensorboard=False, start_step=0)  # drops the steps after 0
+  second.write(0, restart)
+  second.write(1, {'loss': 1.0, 'goodput/productive_s': 1.0, 'goodput/time': 111.0, 'goodput/run_start': 110.0})
+  second.close()
+  s = goodput.summary(workdir)
+  assert s['restarts'] == 1 and s['lost_steps'] == 3
+  assert s['wall_s'] == pytest.approx(11.0)  # from the first start (100) to the last row (111)
+  assert s['seconds']['lost'] == pytest.approx(3.0) and s['seconds']['idle'] == pytest.approx(7.0)
+  assert abs(s['seconds']['unaccounted']) < 1e-6

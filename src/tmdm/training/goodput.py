@@ -75,10 +75,13 @@ def restart_row(workdir, start_step: int, now: float) -> dict | None:
     return None
   redone = [r for r in rows if r['step'] > start_step]
   trained = [r['step'] for r in redone if 'loss' in r]
+  # The first start is kept here too: when no checkpoint survived, every earlier row is dropped, and the
+  # wall time must still begin at the first start (or the lost work would exceed it).
+  first = min(r.get(f'{PREFIX}run_start', r[f'{PREFIX}time']) for r in rows)
   return {key('lost'): sum(v for r in redone for k, v in r.items() if k.startswith(PREFIX) and k.endswith('_s')),
           f'{PREFIX}lost_steps': float(max(trained, default=start_step) - start_step),
           key('idle'): max(now - max(r[f'{PREFIX}time'] for r in rows), 0.0),
-          f'{PREFIX}time': now, f'{PREFIX}restart': 1.0}
+          f'{PREFIX}time': now, f'{PREFIX}run_start': first, f'{PREFIX}restart': 1.0}
 
 
 def _has_log(workdir) -> bool:
