@@ -36,7 +36,7 @@ import numpy as np
 from tmdm import errors, storage, vocab as vocab_lib
 from tmdm.data import mixture, store
 from tmdm.generation import generate, tasks as tasks_lib
-from tmdm.parallel import mesh as mesh_lib, sharding as sharding_lib
+from tmdm.parallel import sharding as sharding_lib
 from tmdm.training import checkpoint as checkpoint_lib, metrics as metrics_lib, setup as setup_lib
 from tmdm.training import state as train_state
 
@@ -53,26 +53,17 @@ _NP_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 
 
 # The name mapping: tmdm's parameter (within a block for the layer ones) -> (torch name, tmdm -> torch,
-# torch -> tmdm). Torch linear weights are [out, in]; tmdm's attention weights keep heads apart.
-def _linear(w):
-  return w.T
-
-
-def _heads_in():  # wq, wk, wv [D, H, K] <-> q_proj.weight [H K, D]
-  return (lambda w: w.reshape(w.shape[0], -1).T), (lambda t, shape: t.T.reshape(shape))
-
-
-def _heads_out():  # wo [H, K, D] <-> o_proj.weight [D, H K]
-  return (lambda w: w.reshape(-1, w.shape[-1]).T), (lambda t, shape: t.T.reshape(shape))
-
-
+# torch -> tmdm given the tmdm shape). Torch linear weights are [out, in]; tmdm's attention weights keep
+# heads apart, so the head weights are flattened [D, H, K] <-> [H K, D] and [H, K, D] <-> [D, H K].
+_HEADS_IN = (lambda w: w.reshape(w.shape[0], -1).T), (lambda t, shape: t.T.reshape(shape))
+_HEADS_OUT = (lambda w: w.reshape(-1, w.shape[-1]).T), (lambda t, shape: t.T.reshape(shape))
 _SAME = (lambda w: w), (lambda t, shape: t.reshape(shape))
-_T = (_linear, lambda t, shape: t.T.reshape(shape))
+_T = (lambda w: w.T), (lambda t, shape: t.T.reshape(shape))
 LAYER_NAMES = {
-    ('attn', 'wq'): ('self_attn.q_proj.weight', *_heads_in()),
-    ('attn', 'wk'): ('self_attn.k_proj.weight', *_heads_in()),
-    ('attn', 'wv'): ('self_attn.v_proj.weight', *_heads_in()),
-    ('attn', 'wo'): ('self_attn.o_proj.weight', *_heads_out()),
+    ('attn', 'wq'): ('self_attn.q_proj.weight', *_HEADS_IN),
+    ('attn', 'wk'): ('self_attn.k_proj.weight', *_HEADS_IN),
+    ('attn', 'wv'): ('self_attn.v_proj.weight', *_HEADS_IN),
+    ('attn', 'wo'): ('self_attn.o_proj.weight', *_HEADS_OUT),
     ('attn_norm', 'scale'): ('input_layernorm.weight', *_SAME),
     ('mlp_norm', 'scale'): ('post_attention_layernorm.weight', *_SAME),
     ('mlp', 'w_gate'): ('mlp.gate_proj.weight', *_T),
@@ -140,10 +131,7 @@ def _restore(workdir, step, weights, overrides):
   cfg, ckpt, step = generate.checkpoint_config(workdir, overrides, step=step)
   if step is None:
     raise errors.ConfigError(f'{workdir} has no checkpoint to export')
-  try:
-    mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
-  except errors.ConfigError:  # Exporting on other hardware than training: plain data parallel.
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  generate.fit_mesh(cfg)
   s = setup_lib.build(cfg, with_optimizer=False)
   if s.model_cfg.time_conditioning:
     raise errors.ConfigError('model.time_conditioning runs are not exported (the reference has no time input)')
@@ -483,10 +471,7 @@ def import_folder(src, workdir, *, data_root='', overrides=()) -> int:
     _check_data_root(cfg, hashes)
   elif jax.process_index() == 0:
     _import_tokenizers(src, cfg, cfg.data.root)
-  try:
-    mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
-  except errors.ConfigError:
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  generate.fit_mesh(cfg)
   s = setup_lib.build(cfg)
   abstract = train_state.abstract_state(s.model, s.tx, s.sharder, s.seq_len)
   params = params_from_tensors(read_weights(src), abstract.params)

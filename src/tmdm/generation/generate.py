@@ -69,6 +69,16 @@ def checkpoint_config(workdir, overrides=(), step=None):
   return config_from_dict(saved, overrides), ckpt, step
 
 
+def fit_mesh(cfg):
+  """A run's mesh for inference here: its own when these devices hold it, else plain data parallel
+  (sampling, evaluating or exporting on other hardware than the run trained on)."""
+  try:
+    mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
+  except errors.ConfigError:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  return cfg
+
+
 @dataclasses.dataclass
 class Sample:
   """One generated item: `output` is text (str), an image [H, W, 3] in [0, 1] or a waveform [S]."""
@@ -98,10 +108,7 @@ class Context:
   @classmethod
   def from_workdir(cls, workdir, overrides=()):
     cfg, ckpt, step = checkpoint_config(workdir, overrides)
-    try:
-      mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
-    except errors.ConfigError:  # Sampling on other hardware than training: plain data parallel.
-      cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+    fit_mesh(cfg)
     s = setup_lib.build(cfg, with_optimizer=False)
     try:
       params, step, ema = ckpt.restore_params(train_state.abstract_params(s.model, s.sharder, s.seq_len),

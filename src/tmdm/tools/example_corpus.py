@@ -62,16 +62,22 @@ def draw_shape(shape, colour, size, rng, side=64):
   return img
 
 
+def _write_jsonl(path, records):
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+
+
 def write_images(folder, n: int, seed=0):
   os.makedirs(os.path.join(folder, 'shapes'), exist_ok=True)
   rng = np.random.default_rng(seed)
-  with open(os.path.join(folder, 'captions.jsonl'), 'w', encoding='utf-8') as f:
-    for i in range(n):
-      shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
-      size = list(SIZES)[int(rng.integers(len(SIZES)))]
-      name = f'shapes/{i:04d}.png'
-      draw_shape(shape, colour, size, rng).save(os.path.join(folder, name))
-      f.write(json.dumps({'image': name, 'caption': f'a {size} {colour} {shape} on white'}) + '\n')
+  records = []
+  for i in range(n):
+    shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+    size = list(SIZES)[int(rng.integers(len(SIZES)))]
+    name = f'shapes/{i:04d}.png'
+    draw_shape(shape, colour, size, rng).save(os.path.join(folder, name))
+    records.append({'image': name, 'caption': f'a {size} {colour} {shape} on white'})
+  _write_jsonl(os.path.join(folder, 'captions.jsonl'), records)
   return n
 
 
@@ -79,15 +85,16 @@ def write_speech(folder, n: int, seed=0):
   """Short sentences about the shapes, spoken by espeak-ng at its native 22.05 kHz."""
   os.makedirs(os.path.join(folder, 'wav'), exist_ok=True)
   rng = np.random.default_rng(seed)
-  with open(os.path.join(folder, 'clips.jsonl'), 'w', encoding='utf-8') as f:
-    for i in range(n):
-      words = [list(SIZES)[int(rng.integers(2))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
-               SHAPES[int(rng.integers(len(SHAPES)))]]
-      sentence = f'draw a {" ".join(words)}'
-      name = f'wav/{i:04d}.wav'
-      subprocess.run(['espeak-ng', '-v', VOICE, '-s', str(int(rng.integers(150, 190))), '-w',
-                      os.path.join(folder, name), sentence], check=True)
-      f.write(json.dumps({'audio': name, 'text': sentence}) + '\n')
+  records = []
+  for i in range(n):
+    words = [list(SIZES)[int(rng.integers(2))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
+             SHAPES[int(rng.integers(len(SHAPES)))]]
+    sentence = f'draw a {" ".join(words)}'
+    name = f'wav/{i:04d}.wav'
+    subprocess.run(['espeak-ng', '-v', VOICE, '-s', str(int(rng.integers(150, 190))), '-w',
+                    os.path.join(folder, name), sentence], check=True)
+    records.append({'audio': name, 'text': sentence})
+  _write_jsonl(os.path.join(folder, 'clips.jsonl'), records)
   return n
 
 

@@ -416,16 +416,10 @@ def probe_part(ctx, words=None) -> dict:
 
 def _contexts(workdir, steps, overrides=()):
   """A generate.Context per checkpoint step (the newest when steps is empty); one Setup for all."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from tmdm import errors  # pylint: disable=import-outside-toplevel
   from tmdm.generation import generate  # pylint: disable=import-outside-toplevel
-  from tmdm.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from tmdm.training import setup as setup_lib, state as train_state  # pylint: disable=import-outside-toplevel
   cfg, ckpt, latest = generate.checkpoint_config(workdir, overrides)
-  try:
-    mesh_lib.resolve_mesh(cfg.mesh, jax.device_count())
-  except errors.ConfigError:  # as Context.from_workdir: plain data parallel on other hardware
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  generate.fit_mesh(cfg)
   s = setup_lib.build(cfg, with_optimizer=False)
   abstract = train_state.abstract_params(s.model, s.sharder, s.seq_len)
   try:
