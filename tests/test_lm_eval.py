@@ -134,3 +134,28 @@ def test_one_masked_token_bound_is_the_exact_nll(facts_run):
   assert greedy == (int(np.argmax(logp)) == row['targets'][pos] - lo)
   texts = scorer.generate([('the cow is', {'until': ['.'], 'max_gen_toks': 4})])
   assert len(texts) == 1 and '.' not in texts[0]
+
+
+def test_monte_carlo_bound_averages_to_its_expectation(facts_run):
+  """The draws (l uniform in 1..n, l positions uniform, weight n / l) against their exact expectation,
+  enumerated over every mask of the continuation: (1/n) sum_l (n/l) mean_{|S|=l} NLL(S). Drawing l or the
+  positions otherwise, or dropping the n / l weight, moves the mean by many standard errors."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from tmdm.export import lm_eval_model  # pylint: disable=import-outside-toplevel
+  from tmdm.generation import generate  # pylint: disable=import-outside-toplevel
+  workdir, _ = facts_run
+  scorer = lm_eval_model.Scorer(generate.Context.from_workdir(workdir), draws=2000)
+  ctx_ids, cont = scorer.split('the cow is', ' 37. the dog is 52')
+  cont = cont[:4]
+  n = len(cont)
+  assert n >= 3
+  masks = {l: list(itertools.combinations(range(n), l)) for l in range(1, n + 1)}
+  rows = [scorer._row(ctx_ids, cont, list(S)) for l in masks for S in masks[l]]  # pylint: disable=protected-access
+  sums, _ = scorer._run(rows)  # pylint: disable=protected-access
+  exact, i = 0.0, 0
+  for l, subsets in masks.items():
+    exact += (n / l) * float(np.mean(sums[i:i + len(subsets)])) / n
+    i += len(subsets)
+  (ll, _, stderr), = scorer.elbo([(ctx_ids, cont)])
+  print(f'MC bound {-ll:.3f} +- {stderr:.3f}, exact expectation {exact:.3f}')
+  assert abs(-ll - exact) < 4 * stderr and stderr > 0
