@@ -1,6 +1,6 @@
 """Batch invariance of the SDE scaler (issue 4, docs/design.md 2.4), at CPU scale.
 
-  python launch/batch_invariance.py     # data, 14 runs (7 per seed), docs/figures/batch_invariance.png, table
+  python studies/batch_invariance.py     # data, 14 runs (7 per seed), docs/figures/batch_invariance.png, table
   tmdm train --config=experiments/batch_invariance.py:markov-scaled-64 --workdir=runs/batch_invariance/markov-scaled-64
 
 The tiny model (d 64, 2 layers) trained to one token horizon D at physical batches 8, 16, 32 and
@@ -20,7 +20,7 @@ Preset: DATA-ARM-BATCH, e.g. markov-fixed-8; the runner adds --config.seed=N for
 Beyond B_crit (issue 16, study 4): batches 128, 256 and 512 at the same D leave 64, 32 and 16 optimizer
 steps, fewer than S_CRIT = 100, so B_crit = D / (SEQ_LEN S_CRIT) = 81.9 sequences; those presets only
 warn (the others keep on_exceeding_crit=error), and
-  python launch/batch_invariance.py --data=markov --seeds=0,1 --batches=8,16,32,64,128,256,512 \
+  python studies/batch_invariance.py --data=markov --seeds=0,1 --batches=8,16,32,64,128,256,512 \
       --out=runs/study_batch --figure=docs/studies/batch/batch.png --summary=docs/studies/batch/results.json
 """
 
@@ -36,7 +36,7 @@ S_CRIT = 100  # optim.s_crit: B_crit = D / (SEQ_LEN * S_CRIT) = 81.9 sequences
 LOG_POINTS = 64  # training-metric windows per run, equal in tokens across batches
 EVAL_POINTS = 8  # checkpoints per run, equal in tokens across batches (the runner evaluates them)
 EVAL_ROWS = 128  # validation rows of the runner's paired evaluation
-MARKOV_JSONL = 'data/markov-text.jsonl'  # written by launch/batch_invariance.py
+MARKOV_JSONL = 'data/markov-text.jsonl'  # written by studies/batch_invariance.py
 
 DATASETS = {
     'markov': dict(text_name='markov-text', text_sources=f'jsonl:{MARKOV_JSONL}', text_max_docs=0, text_size=256),

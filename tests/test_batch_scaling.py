@@ -130,14 +130,14 @@ def test_completep_multipliers_multiply_the_scaled_values():
   assert p.kappa == pytest.approx(kappa)
   tx = optim.build(cfg.optim, 30, mcfg.group_multipliers(), batch_size=16, seq_len=13)
   params = train_state.create(model, tx, sharder, 13, seed=0).params
-  groups = transformer.param_groups(params)
+  groups = model_config.param_groups(params)
   assert set(jax.tree.leaves(groups)) == set(model_config.GROUPS)
 
   def reference(g):
     m = mcfg.group_multipliers()[g]
     return optax.adamw(0.003 * kappa**0.5 * m['lr'], b1=0.9**kappa, b2=0.95**kappa, eps=1e-3 / kappa**0.5 * m['eps'],
                        weight_decay=0.1 * kappa**0.5 * m['wd'])
-  ref_tx = optax.multi_transform({g: reference(g) for g in model_config.GROUPS}, transformer.param_groups)
+  ref_tx = optax.multi_transform({g: reference(g) for g in model_config.GROUPS}, model_config.param_groups)
   state, ref_state = tx.init(params), ref_tx.init(params)
   step, ref_step = jax.jit(tx.update), jax.jit(ref_tx.update)
   got, want, ema = params, params, params

@@ -23,7 +23,6 @@ from tmdm import vocab as vocab_lib
 from tmdm.config import loader as config_loader
 from tmdm.export import hf_folder
 from tmdm.generation import generate, tasks
-from tmdm.model import transformer
 
 pytest.importorskip('torch')
 pytest.importorskip('transformers')
@@ -94,7 +93,7 @@ def _torch(tmp_path, folders, rows, canvases):
 
 def _tmdm_logits(ctx, rows):
   logits = ctx.s.model.apply({'params': ctx.params}, rows['tokens'], rows['segment_ids'], rows['positions'])
-  return np.asarray(transformer.restrict(logits, rows['modality'], ctx.s.vocab.allowed_table()))
+  return np.asarray(vocab_lib.restrict(logits, rows['modality'], ctx.s.vocab.allowed_table()))
 
 
 def test_torch_reference_matches_tmdm_logits_and_greedy_samples(run, tmp_path):

@@ -96,3 +96,39 @@ def test_the_checker_sees_a_bad_import(tmp_path):
   bad.write_text('def f():\n  from tmdm.training import loop\n')
   found = list(_imports('tmdm.data.bad', bad))
   assert 'tmdm.training.loop' in found and LAYER[_part(found[0])] > LAYER['data']
+
+
+# Helpers that two layers' roles both need live below both, each defined once, in its home; and
+# edges the layer order allows but the roles do not (the optimizer needs the model's config, not
+# its layers). These once crossed: the samplers took `restrict` from model/transformer.py, and
+# optim.py took `param_groups` from it.
+HOMES = {'restrict': 'tmdm.vocab', 'param_group': 'tmdm.model.config', 'param_groups': 'tmdm.model.config'}
+FORBIDDEN = {'tmdm.optim': ('tmdm.model.transformer', 'tmdm.model.layers')}
+
+
+def _defines(path):
+  return {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+
+
+def _defined_in(name, modules):
+  return sorted(m for m, path in modules.items() if name in _defines(path))
+
+
+@pytest.mark.parametrize('name', sorted(HOMES))
+def test_shared_helpers_are_defined_once_below_their_users(name):
+  assert _defined_in(name, MODULES) == [HOMES[name]]
+
+
+def test_forbidden_edges():
+  for module, targets in FORBIDDEN.items():
+    assert not set(GRAPH[module]) & set(targets), f'{module} imports {set(GRAPH[module]) & set(targets)}'
+
+
+def test_the_checker_sees_a_helper_back_in_the_transformer(tmp_path):
+  """A second `restrict` in model/transformer.py, or optim importing it again, would be caught."""
+  copy = tmp_path / 'transformer.py'
+  copy.write_text(MODULES['tmdm.model.transformer'].read_text() + '\n\ndef restrict(a, b, c):\n  return a\n')
+  assert _defined_in('restrict', {**MODULES, 'tmdm.model.transformer': copy}) != [HOMES['restrict']]
+  bad = tmp_path / 'optim.py'
+  bad.write_text('from tmdm.model import transformer\n')
+  assert set(_imports('tmdm.optim', bad)) & set(FORBIDDEN['tmdm.optim'])

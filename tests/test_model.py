@@ -37,7 +37,7 @@ def test_packed_documents_do_not_attend_to_each_other():
 def test_restrict_keeps_each_modality_in_range():
   vocab = vocab_lib.VocabSpec(37, 11, 13, multiple=8)
   logits = jnp.zeros((1, 3, vocab.size))
-  out = transformer.restrict(logits, jnp.array([[0, 1, 2]]), jnp.asarray(vocab.allowed_table()))
+  out = vocab_lib.restrict(logits, jnp.array([[0, 1, 2]]), jnp.asarray(vocab.allowed_table()))
   for m in range(3):
     lo, hi = vocab.range(m)
     finite = np.flatnonzero(np.isfinite(out[0, m]))
@@ -67,7 +67,7 @@ def test_completep_multipliers():
 
 def test_param_groups_and_flops():
   model, params, vocab, _ = _model()
-  groups = transformer.param_groups(params)
+  groups = model_config.param_groups(params)
   assert groups['embed'] == 'embed' and groups['unembed'] == 'unembed'
   assert groups['blocks']['block']['attn']['wq'] == 'hidden' and groups['final_norm']['scale'] == 'norm'
   cfg = model.cfg

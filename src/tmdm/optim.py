@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from tmdm import errors
-from tmdm.model import transformer
+from tmdm.model import config as model_config
 
 log = logging.getLogger('tmdm')
 
@@ -248,7 +248,7 @@ def sde_scaled(p: Plan, schedule, group_multipliers: dict, family: str = 'adamw'
     del kappa  # Carried for the metrics only; already folded into the other values.
     per_group = {g: make(lr * m['lr'], b1, b2, eps * m['eps'], weight_decay * m['wd'], decay_on[g])
                  for g, m in group_multipliers.items()}
-    tx = optax.multi_transform(per_group, transformer.param_groups)
+    tx = optax.multi_transform(per_group, model_config.param_groups)
     return tx if ema is None else optax.chain(tx, params_ema(ema))
 
   # Every value is a schedule (a function of the step), not a number: inject_hyperparams would read

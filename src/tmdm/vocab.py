@@ -13,6 +13,7 @@ ids of that position's modality (`allowed_table`).
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 SPECIALS = ('[PAD]', '[MASK]', '<txt>', '</txt>', '<img>', '</img>', '<aud>', '</aud>',
@@ -97,3 +98,9 @@ class VocabSpec:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self) | {'size': self.size, 'specials': list(SPECIALS)}
+
+
+def restrict(logits_BLV, modality_BL, allowed_MV):
+  """-inf outside each position's modality range (docs/design.md 2.2); allowed_MV is `allowed_table()`.
+  Here, below both the model and the samplers, so that neither reaches into the other for it."""
+  return jnp.where(allowed_MV[modality_BL], logits_BLV, -jnp.inf)

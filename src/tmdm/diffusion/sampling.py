@@ -289,7 +289,7 @@ def sample(params, canvas, rng, knobs: Knobs, *, model, vocab, diff_cfg, sharder
     if spec.guided:
       w_B = knobs.guidance * GUIDANCE_SCHEDULES[spec.guidance_schedule](t_B)
       logits_BLV = guide(logits_BLV, uncond_BLV, w_B)
-    logits_BLV = transformer.restrict(logits_BLV, modality_BL, allowed_MV)
+    logits_BLV = vocab_lib.restrict(logits_BLV, modality_BL, allowed_MV)
     tokens_BL, conf_BL = draw(rng, logits_BLV, knobs.temperature, spec.top_p)
     entropy_BL = entropy(logits_BLV) if want_entropy else jnp.zeros_like(conf_BL)
     return tokens_BL, conf_BL, entropy_BL

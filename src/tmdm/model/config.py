@@ -17,6 +17,7 @@ uses 1/sqrt(d_head) and GPT-2's 1/sqrt(2 n_layers) init for the residual output 
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 GROUPS = ('embed', 'hidden', 'norm', 'unembed')
@@ -157,3 +158,21 @@ PRESETS = {
 def config_defaults() -> dict:
   """The `model` section of the base config: every field but vocab_size, at its default."""
   return {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size'}
+
+
+def param_group(path) -> str:
+  """The group (GROUPS) of the parameter at a tree path: by its leaf name, which the model's layers
+  fix. Here, not in transformer.py, so that the optimizer needs only the model's config."""
+  names = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
+  if names[-1] == 'embed':
+    return 'embed'
+  if names[-1] == 'unembed':
+    return 'unembed'
+  if names[-1] == 'scale':
+    return 'norm'
+  return 'hidden'
+
+
+def param_groups(params):
+  """Tree of group names (GROUPS) with the structure of params."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)

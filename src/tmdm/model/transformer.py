@@ -131,22 +131,3 @@ def vocab_parallel_lookup(table_VD, tokens_BL, sharder: sharding_lib.Sharder):
                        out_specs=P(batch, None, None))(table_VD, tokens_BL)
 
 
-def restrict(logits_BLV, modality_BL, allowed_MV):
-  """-inf outside each position's modality range (docs/design.md 2.2)."""
-  return jnp.where(allowed_MV[modality_BL], logits_BLV, -jnp.inf)
-
-
-def param_group(path) -> str:
-  names = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
-  if names[-1] == 'embed':
-    return 'embed'
-  if names[-1] == 'unembed':
-    return 'unembed'
-  if names[-1] == 'scale':
-    return 'norm'
-  return 'hidden'
-
-
-def param_groups(params):
-  """Tree of group names (model.config.GROUPS) with the structure of params."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)

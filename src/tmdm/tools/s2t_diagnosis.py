@@ -7,7 +7,7 @@ Parts (each prints its figures; --out also writes them as JSON):
   nll     Does the model read the speech? The audio dataset's held-out pairs (or --split=train) are
           laid out as the S2T evaluator lays them out (tasks.pair_canvas: [S2T] <aud> codes </aud>
           <txt> slot </txt> [PAD]); one forward pass gives -log p(true token | row) at each masked
-          transcript position, the logits restricted to text ids (transformer.restrict with
+          transcript position, the logits restricted to text ids (vocab.restrict with
           loss.allowed_table). Conditions: the item's own speech codes; another item's (a
           derangement of the items, several draws); none (every code masked, as in the training's
           dropped-condition mode). Masks: every transcript token, or only the tokens of content words
@@ -89,13 +89,13 @@ class _Scorer:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from tmdm.diffusion import loss as loss_lib  # pylint: disable=import-outside-toplevel
-    from tmdm.model import transformer  # pylint: disable=import-outside-toplevel
+    from tmdm import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
     self.s = s
 
     @jax.jit
     def score(params, tokens, segment_ids, positions, modality, targets):
       logits = s.model.apply({'params': params}, tokens, segment_ids, positions)
-      logp = jax.nn.log_softmax(transformer.restrict(logits, modality, loss_lib.allowed_table(s.vocab, s.sharder)), -1)
+      logp = jax.nn.log_softmax(vocab_lib.restrict(logits, modality, loss_lib.allowed_table(s.vocab, s.sharder)), -1)
       nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
       return nll, jnp.argmax(logp, axis=-1)
 

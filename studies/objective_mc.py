@@ -1,6 +1,6 @@
 """Monte Carlo of the training objective against the analytic ELBO, for every schedule.
 
-  python launch/objective_mc.py [--rows=65536] [--length=37]
+  python studies/objective_mc.py [--rows=65536] [--length=37]
 
 A context-free model has fixed per-position NLLs, so its ELBO is exactly their sum. For each schedule
 and t sampling this prints the mean of `corruption.corrupt` + `loss.elbo_sums` over that sum without

@@ -1,7 +1,7 @@
 """Study 1a of the design space: the variance of the ELBO estimator and of its gradient across
 corruption draws, per noise schedule and modality, at a trained checkpoint (no training per point).
 
-  python launch/study_schedules.py --workdir=runs/demo [--draws=24] [--out=docs/studies/schedules]
+  python studies/schedules.py --workdir=runs/demo [--draws=24] [--out=docs/studies/schedules]
 
 For each modality m and schedule s, only m's schedule is set to s (the others keep the run's), and
 the same validation batch of m's mixture component is corrupted with `draws` keys. Per draw: the

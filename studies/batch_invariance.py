@@ -3,7 +3,7 @@ data, trains every (arm, batch, seed) run, evaluates every run's checkpoints on 
 rows with the same masks (a paired comparison), measures the gradient noise scale of the base run,
 writes docs/figures/batch_invariance.png and prints the spread of the final exp(ELBO).
 
-  python launch/batch_invariance.py [--data=markov[,fortunes]] [--seeds=0,1] [--batches=8,16,32,64] [--reuse]
+  python studies/batch_invariance.py [--data=markov[,fortunes]] [--seeds=0,1] [--batches=8,16,32,64] [--reuse]
                                     [--figure=PNG] [--summary=JSON]
 
 exp(ELBO) is the per-token ELBO bound exponentiated (a perplexity bound). Spread of an arm: the
