@@ -417,6 +417,16 @@ COMMON_FLAGS = ('Every subcommand also takes --host_devices=N (simulate N CPU de
                 '(override any key of src/tmdm/config/base.py, e.g. --config.train.num_steps=100).')
 
 
+def build_parser():
+  """The `tmdm` parser with every subcommand (also what tests/test_docs.py checks the docs against)."""
+  parser = argparse.ArgumentParser(prog='tmdm', description='Tri-modal masked diffusion pretraining.',
+                                   epilog=COMMON_FLAGS)
+  sub = parser.add_subparsers(dest='command', required=True)
+  for name, command in COMMANDS.items():
+    command.add_arguments(sub.add_parser(name, help=command.help, epilog=COMMON_FLAGS))
+  return parser
+
+
 def main(argv=None):
   argv = _take_host_devices(sys.argv[1:] if argv is None else list(argv))
   _pin_prepare_backend(argv)
@@ -427,12 +437,7 @@ def main(argv=None):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger('gcsfs').setLevel(logging.ERROR)  # It warns on every gs:// call when it cannot tell a bucket's type.
 
-  parser = argparse.ArgumentParser(prog='tmdm', description='Tri-modal masked diffusion pretraining.',
-                                   epilog=COMMON_FLAGS)
-  sub = parser.add_subparsers(dest='command', required=True)
-  for name, command in COMMANDS.items():
-    command.add_arguments(sub.add_parser(name, help=command.help, epilog=COMMON_FLAGS))
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   try:
     return COMMANDS[args.command].run(args, overrides)
   except errors.USER_ERRORS as e:
