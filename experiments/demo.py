@@ -23,10 +23,10 @@ PRESETS = {'default': {}, 'quick': {'train': dict(num_steps=100)}}
 def get_config(arg=None):
   c = base_config.get_config()
   c.model.update(d_model=128, n_layers=4, n_heads=4, d_head=32, d_ff=384, base_width=128, base_depth=4)
-  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES, issue 8)
+  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES "Performance on CPU")
   c.vocab.update(text_size=4000)
   # The mixture and corruption modes favour the conditional tasks the evaluators measure; the image
-  # schedule is linear (study 1b: 0.34 nats better than cosine on both seeds). BUILD_NOTES, issue 17.
+  # schedule is linear (study 1b: 0.34 nats better than cosine on both seeds). BUILD_NOTES "The demo recipe".
   c.data.update(text_name='fortunes-kjv', text_sources='fortunes,kjv', seq_len=128, mix_text=0.15, mix_image=0.5,
                 mix_audio=0.35)
   c.diffusion.update(p_joint=0.4, p_conditional=0.5, p_drop_condition=0.1, schedule_image='linear')
@@ -55,7 +55,7 @@ def get_config(arg=None):
   #     t2i: --rules=confidence:cosine,entropy:1,entropy:4 --steps=8,16 --temperatures=0.5 --guidance=4
   #     t2s: --rules=ancestral,entropy:2,entropy:8 --steps=16,32 --temperatures=1 --guidance=0
   #     i2t, s2t: --rules=confidence:cosine,entropy:1,entropy:4 --steps=8,16 --temperatures=0.1 --guidance=0
-  #   chose the fastest setting within the noise of the best (BUILD_NOTES "Fast sampling"): t2i 3.2x faster
+  #   chose the fastest setting within the noise of the best (BUILD_NOTES "Fast sampling: measured"): t2i 3.2x faster
   #   (cached, 8 steps), t2s 2.2x (cached, 16 steps). For i2t it chose the entropy rule (6.9x), whose
   #   captions keep the digit but lose the words around it (exact captions 0.01 against 0.11), and for s2t
   #   cached 8 steps among settings all near zero word accuracy (the demo has not learned S2T): both keep

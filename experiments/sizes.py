@@ -2,7 +2,7 @@
 
 Each preset names the TPU slice it targets and execution settings (remat policy, loss chunking,
 microbatches, mesh split) that the TPU compiler compiled and fitted there at the paper's batch
-(rows of 2048 tokens; BUILD_NOTES, issue 14, has the table):
+(rows of 2048 tokens; BUILD_NOTES "TPU compile table" has it):
 
   tmdm compile-check --config=experiments/sizes.py:3b --topology=v5e:16x16     # from any host (libtpu)
   tmdm train --config=experiments/sizes.py:pilot-320m --workdir=gs://BUCKET/runs/pilot \\

@@ -14,7 +14,7 @@ PRESETS = {'default': {}, 'mesh222': {'mesh': dict(data=2, fsdp=2, tensor=2)},
 def get_config(arg=None):
   c = base_config.get_config()
   c.model.update(model_config.PRESETS['tiny'])
-  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES, issue 8)
+  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES "Performance on CPU")
   c.vocab.update(text_size=512, multiple=8)
   c.data.update(text_name='fortunes-smoke', text_sources='fortunes', text_max_docs=4000, seq_len=64)
   c.optim.update(lr=1e-2, warmup_frac=0.05)

@@ -6,7 +6,7 @@
 # with the chunked cross-entropy (model.loss_chunk=512), and the same with GPU_FLAGS below; then rows of 4
 # packed documents (segment-masked attention) with cuDNN and a dense [B, L, L] mask (what 'auto' picks in
 # bf16) against Pallas' Triton flash kernel with segment ids (model.attention_impl=flash, no mask).
-# Not yet run on a GPU (no device was lent to the task that wrote it): see BUILD_NOTES, issue 8.
+# Not yet run on a GPU (no device was lent to the task that wrote it): see BUILD_NOTES "The GPU benchmark, prepared".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 YARDSTICK="${1:?usage: bash launch/gpu_bench.sh PATH/plain_step.py [PRESETS] (the plain-JAX yardstick step)}"

@@ -1,5 +1,5 @@
 """The docs name only what exists: every link, repo path, `tmdm` subcommand and flag, `--config.` key
-and `python -m` module written in README.md and docs/**/*.md. A planted dead reference of each kind
+and `python -m` module written in README.md, BUILD_NOTES.md and docs/**/*.md. A planted dead reference of each kind
 must be reported (a checker that cannot fail checks nothing)."""
 
 import argparse
@@ -13,7 +13,7 @@ from tmdm import cli
 from tmdm.config import base as base_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('*.md'))]
+PAGES = [ROOT / 'README.md', ROOT / 'BUILD_NOTES.md', *sorted((ROOT / 'docs').rglob('*.md'))]
 
 LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 FENCE = re.compile(r'^```[^\n]*\n(.*?)^```', re.M | re.S)

@@ -41,7 +41,7 @@ def gcs():
   server = FakeGCSServer()
   server.start()  # Sets STORAGE_EMULATOR_HOST.
   # The wrapper pipes the server's request log and never reads it: after ~64 KB the server blocks
-  # and every request hangs (BUILD_NOTES, issue 13). Drain it.
+  # and every request hangs (BUILD_NOTES "GCS: gcsfs, google-auth and the fake server"). Drain it.
   threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, 'wb')),  # pylint: disable=protected-access
                    daemon=True).start()
   os.environ.update(TENSORSTORE_GCS_HTTP_URL=server.url, GOOGLE_AUTH_TOKEN_FOR_TESTING='test',

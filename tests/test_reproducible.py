@@ -5,7 +5,7 @@ The two preparations run in processes configured differently on purpose: one as 
 (8 simulated CPU devices), one on a single core with one device. XLA's CPU convolutions split their
 sums by its thread pool's size, max(usable cores or NPROC, devices), so before `tmdm prepare` pinned
 its backend (cli._pin_prepare_backend) these two trained image and audio tokenizers that differed in
-their last bits, and the demo's tokens and losses differed from the first step (BUILD_NOTES, "Reproducible runs").
+their last bits, and the demo's tokens and losses differed from the first step (BUILD_NOTES, "Reproducible runs from a fresh prepare").
 The data is a tiny version of the demo's: text, digits with captions, sentences spoken by espeak-ng.
 """
 

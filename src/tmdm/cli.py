@@ -52,7 +52,7 @@ def _pin_prepare_backend(argv):
   the demo's losses then differed from step 1. So prepare runs on 1 CPU device with NPROC=2 threads (a
   2-core machine's default) whatever the cores or devices; kernels still differ by instruction set, so
   this holds on one kind of CPU. A user's NPROC or JAX_PLATFORMS still wins. BUILD_NOTES, "Reproducible
-  runs". In a process that already imported jax (tests calling main()) the backend is left as it is."""
+  runs from a fresh prepare". In a process that already imported jax (tests calling main()) the backend is left as it is."""
   if argv[:1] != ['prepare'] or 'jax' in sys.modules:
     return
   os.environ['JAX_NUM_CPU_DEVICES'] = '1'  # Wins over --xla_force_host_platform_device_count.

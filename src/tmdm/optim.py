@@ -9,7 +9,7 @@ The hyperparameters in a config are those of the logical batch, which the notes'
 the run's token horizon D (total training tokens):
   B_logical(D) = base_batch * (D / base_tokens)**gamma          (gamma ~ 0.44, fitted)
   kappa        = B_physical / B_logical(D)
-Ours, from the same argument (BUILD_NOTES "SDE batch scaler"): decoupled weight decay that optax
+Ours, from the same argument (BUILD_NOTES "Logical vs physical batch: the square-root SDE rule"): decoupled weight decay that optax
 multiplies by the lr -> sqrt(kappa) wd; weight-EMA decay -> ema**kappa; warmup and decay of the lr
 schedule are fractions of D, so changing B does not move them in tokens.
 The rule holds while B <= B_crit = D / (L * S_crit), i.e. while the run takes at least S_crit steps.

@@ -106,7 +106,7 @@ class Transformer(nn.Module):
 
 def unembed(c: ModelConfig, s: sharding_lib.Sharder, x_BLD, w_DV):
   """Float32 logits. They leave the matmul in the compute dtype and are upcast for the softmax:
-  asking the matmul for float32 output ran 15% slower per step on CPU (BUILD_NOTES, issue 8)."""
+  asking the matmul for float32 output ran 15% slower per step on CPU (BUILD_NOTES, "Performance on CPU")."""
   logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, w_DV).astype(jnp.float32)
   if c.output_mult != 1.0:
     logits_BLV = logits_BLV * c.output_mult
