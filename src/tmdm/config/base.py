@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Pure data-parallel axis; -1 takes every device the other axes leave.
   c.mesh.fsdp = 1  # Data-parallel axis that also shards parameters and optimizer state (ZeRO-3).
   c.mesh.tensor = 1  # Tensor-parallel axis: heads, MLP hidden units and the vocabulary.
-  c.mesh.gather_on_use = True  # Gather each weight's fsdp dim inside the step (see BUILD_NOTES: XLA bug).
+  c.mesh.gather_on_use = True  # Gather each weight's fsdp dim inside the step (BUILD_NOTES, "Library bugs and workarounds").
 
   c.vocab = ml_collections.ConfigDict()
   c.vocab.text_size = 4000  # Text tokenizer vocabulary (must equal the SentencePiece model's size).
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.root = 'data'  # Folder of prepared datasets (relative to the working directory).
   c.data.text_name = 'fortunes'  # Text dataset folder under data.root (built by `tmdm prepare`).
-  c.data.text_sources = 'fortunes'  # Comma list for `tmdm prepare`: fortunes, kjv, gcide, txt:GLOB, jsonl:PATH.
+  c.data.text_sources = 'fortunes'  # Comma list for `tmdm prepare`: fortunes, kjv, gcide, txt:GLOB, jsonl:PATH, parquet:GLOB.
   c.data.text_max_docs = 0  # Cap on prepared documents (0: all).
   c.data.mix_text = 1.0  # Mixture weight (share of rows) of packed text rows; 0 leaves text out.
   c.data.mix_image = 0.0  # Mixture weight of image-text rows.
@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes reading records (0: in the main process).
   c.data.prefetch = 2  # Batches prepared ahead by a host thread.
   c.data.spm_sample_docs = 200_000  # Documents given to the SentencePiece trainer.
+  c.data.max_bad_fraction = 0.01  # `tmdm prepare`: stop when more of a user file source's records are bad (0: any).
   c.data.beam_shard_records = 50_000  # --beam_runner: records per shard (in-process: 50,000 text, 1 per pair split).
-  c.data.beam_max_bad_fraction = 0.2  # --beam_runner: fail (no manifest) when more of the records read were bad.
   c.data.beam_tokenizer_sample = 100_000  # --beam_runner: image/audio tokenizers train on the first N pairs (0: all).
 
   c.optim = ml_collections.ConfigDict()
@@ -147,7 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.ema = True  # Sample with the weight EMA when the run kept one (optim.ema > 0).
   # Cross-modal tasks keep the condition's keys and values cached: on the demo checkpoint the cached
   # sampler at the same steps was within the noise of the uncached one on every task, 1.2-3.9x faster
-  # (BUILD_NOTES "Fast sampling").
+  # (BUILD_NOTES "Fast sampling: measured").
   for task, steps in (('t2i', 32), ('t2s', 32), ('i2t', 16), ('s2t', 16)):
     c.sample[task] = _sampler_keys(ml_collections.ConfigDict(), sampler='confidence', steps=steps,
                                    schedule='cosine', guidance=1.0 if task in ('t2i', 't2s') else 0.0, cache=True)

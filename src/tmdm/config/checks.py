@@ -117,6 +117,7 @@ def validate(cfg, num_devices=None, process_count=1):
   _need(t.max_nonfinite_streak > 0 and t.rollbacks >= 0, 'train.max_nonfinite_streak > 0, train.rollbacks >= 0')
   _need(cfg.data.num_shards >= 0 and 0 <= cfg.data.max_skip_fraction <= 1,
         'data.num_shards >= 0 and data.max_skip_fraction in [0, 1]')
+  _need(0 <= cfg.data.max_bad_fraction <= 1, f'data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}')
   _validate_batch_scaling(cfg)
   for mod in ('image', 'audio'):  # The FSQ codebook is the modality's whole id range in the vocabulary.
     levels, size = tuple(cfg[mod].levels), cfg.vocab[f'{mod}_size']

@@ -7,15 +7,18 @@ Sources (entries of config `audio.sources`):
                  names: fortunes, kjv, gcide, txt:GLOB, jsonl:PATH), each spoken by espeak-ng with
                  a voice from audio.voices at a speed drawn from audio.speeds
   jsonl:PATH     a user's clips, one {"audio": wav path, "text": transcript} per line (paths relative to PATH)
+  parquet:GLOB   the same as columns "audio" (WAV bytes, or a path relative to the file) and "text"
 Every clip is mono float32 at audio.sample_rate, peak-normalized to PEAK, padded with silence to
 audio.seconds; longer clips are skipped (cropping would cut words out of the transcript).
-Bad inputs (unreadable or silent audio, empty transcript, malformed line) are skipped and counted.
+Bad records of a user's files (unreadable, silent or too long clips among them) follow records.py's
+policy; espeak-ng clips that fail or run too long are skipped and counted.
 
 Legend: N clips, S samples.
 """
 
 import concurrent.futures
-import json
+import glob
+import io
 import os
 import re
 import shutil
@@ -27,7 +30,7 @@ import scipy.io.wavfile
 import scipy.signal
 
 from tmdm.data import store
-from tmdm.datasets import pairs, text
+from tmdm.datasets import pairs, records, text
 from tmdm.tokenizers import audio as audio_tok, registry as tok_registry
 
 TOKENIZER_DIR = 'tokenizer'  # The trained tokenizer, relative to the dataset root.
@@ -122,41 +125,68 @@ def read_espeak(corpus, cfg, rng, counts, progress):
         fut.cancel()
 
 
-def read_clips_jsonl(path, cfg, rng, counts, progress):
+def load_user_clip(ref):
+  """A user's WAV: a path, or the bytes of a Parquet row (any WAV scipy reads, not only espeak-ng's)."""
+  return read_wav(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+
+
+def user_clips(name, rows, counts, tally):
+  """(transcript, waveform, rate, where, shown) of (where, line or row, file) records of a user's file;
+  bad ones counted and tallied (records.py)."""
+  for where, raw, path in rows:
+    counts['read'] += 1
+    tally.seen(name)
+    got = records.parse_line('audio', raw, where) if isinstance(raw, str) else records.check('audio', raw, where)
+    if not isinstance(got, records.Bad):
+      value, transcript = got
+      ref, _, shown = records.media_ref(value, records.relative_to(path), os.path.join)
+      try:
+        wave_S, rate = load_user_clip(ref)
+        yield transcript.strip(), wave_S, rate, where, shown
+        continue
+      except (OSError, ValueError, TypeError) as e:
+        got = records.unreadable('audio', where, shown, e)
+    counts[got.skip] += 1
+    tally.add(name, got)
+
+
+def read_clips_jsonl(path, counts, tally, name):
   """User clips: {"audio": wav path, "text": transcript} per line; paths relative to the file's folder."""
-  del cfg, rng, progress
   if not os.path.isfile(path):
     raise text.MissingCorpus(f'{path} not found (expected a JSONL of {{"audio": wav path, "text": transcript}})')
-  folder = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if not line.strip():
-        continue
-      counts['read'] += 1
-      try:
-        row = json.loads(line)
-        wav_path, transcript = row['audio'], row['text']
-      except (json.JSONDecodeError, KeyError, TypeError):
-        counts['bad_line'] += 1
-        continue
-      if not isinstance(transcript, str) or not transcript.strip():
-        counts['empty_caption'] += 1
-        continue
-      try:
-        wave_S, rate = read_wav(os.path.join(folder, wav_path))
-      except (OSError, ValueError, TypeError):
-        counts['unreadable_audio'] += 1
-        continue
-      yield transcript.strip(), wave_S, rate
+  yield from user_clips(name, ((w, line, path) for w, line in text.jsonl_lines(path)), counts, tally)
 
 
-def read_source(name, cfg, rng, counts, progress):
+def read_clips_parquet(pattern, counts, tally, name):
+  """User clips as Parquet: "audio" (WAV bytes, or a path relative to the file) and "text" columns."""
+  paths = sorted(glob.glob(pattern, recursive=True))
+  if not paths:
+    raise text.MissingCorpus(f'no files match {pattern!r}')
+  rows = ((w, row, path) for path in paths for w, row in records.parquet_rows('audio', path, lambda p: open(p, 'rb')))
+  yield from user_clips(name, rows, counts, tally)
+
+
+def read_source(name, cfg, rng, counts, progress, tally=None):
+  """(transcript, waveform, rate, where, shown) per clip; where and shown are None for espeak-ng's."""
   kind, _, arg = name.partition(':')
   if kind == 'espeak' and arg:
-    return read_espeak(arg, cfg, rng, counts, progress)
+    return ((t, w, r, None, None) for t, w, r in read_espeak(arg, cfg, rng, counts, progress))
+  tally = tally or records.Tally()
   if kind == 'jsonl' and arg:
-    return read_clips_jsonl(arg, cfg, rng, counts, progress)
-  raise text.MissingCorpus(f'unknown audio source {name!r} (choices: espeak:CORPUS, jsonl:PATH)')
+    return read_clips_jsonl(arg, counts, tally, name)
+  if kind == 'parquet' and arg:
+    return read_clips_parquet(arg, counts, tally, name)
+  raise text.MissingCorpus(f'unknown audio source {name!r} (choices: espeak:CORPUS, jsonl:PATH, parquet:GLOB)')
+
+
+def check_clip(wave_S, rate, cfg):
+  """audio.condition and the length check: (the clip at cfg.sample_rate, None), or (None, (reason, what))."""
+  wave_S = condition(wave_S, rate, cfg.sample_rate)
+  if wave_S is None:
+    return None, ('silent', 'is silent')
+  if len(wave_S) > int(round(cfg.seconds * cfg.sample_rate)):
+    return None, ('too_long', f'is {len(wave_S) / cfg.sample_rate:.2f} s, longer than audio.seconds={cfg.seconds}')
+  return wave_S, None
 
 
 def write_listening(folder, tokenizer: audio_tok.AudioTokenizer, waves_NS, transcripts):
@@ -173,22 +203,25 @@ def write_listening(folder, tokenizer: audio_tok.AudioTokenizer, waves_NS, trans
       f.write(f'{i:02d}\t{line}\n')
 
 
-def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=None, log=print):
+def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=None, log=print, max_bad_fraction=1.0):
   """Gathers clips, trains the audio tokenizer on the train split, writes the dataset; returns the
-  manifest. cfg: the config's `audio` section (ConfigDict)."""
+  manifest. cfg: the config's `audio` section (ConfigDict); max_bad_fraction: records.py's policy
+  (`tmdm prepare` passes data.max_bad_fraction)."""
   progress = progress or (lambda it, **_: it)
   rng = np.random.default_rng(cfg.seed)
   counts = {k: 0 for k in ('read', 'unreadable_audio', 'silent_audio', 'too_long', 'empty_caption', 'bad_line')}
+  tally = records.Tally(max_bad_fraction, log)
   samples = int(round(cfg.seconds * cfg.sample_rate))
   clips, per_source = [], {}
   for name in [s.strip() for s in cfg.sources.split(',') if s.strip()]:
     got = 0
-    for transcript, wave_S, rate in read_source(name, cfg, rng, counts, progress):
-      wave_S = condition(wave_S, rate, cfg.sample_rate)
-      if wave_S is None:
-        counts['silent_audio'] += 1
-      elif len(wave_S) > samples:
-        counts['too_long'] += 1
+    for transcript, wave_S, rate, where, shown in read_source(name, cfg, rng, counts, progress, tally):
+      wave_S, problem = check_clip(wave_S, rate, cfg)
+      if problem:
+        bad = records.unusable('audio', where, shown, *problem)
+        counts[bad.skip] += 1
+        if where is not None:
+          tally.add(name, bad)
       else:
         clips.append((transcript, wave_S))
         got += 1
@@ -196,12 +229,15 @@ def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
         log(f'audio source {name!r}: stopped at audio.max_items={cfg.max_items} clips; the rest of the source was '
             'not read (set --config.audio.max_items=0 to read all of it)')
         break
+    tally.check(name)
     per_source[name] = got
   ids = text_tokenizer.encode([t for t, _ in clips]) if clips else []
   kept = [(t, w, x) for (t, w), x in zip(clips, ids) if len(x)]
   counts['empty_caption'] += len(clips) - len(kept)
   if not kept:
     raise text.MissingCorpus(f'no usable audio-text pairs in {cfg.sources!r} (skipped: {counts})')
+  oov = text.oov_report(text.oov_counts(text_tokenizer, [t for t, _, _ in kept]))
+  log(text.oov_line('audio transcripts', oov))
   os.makedirs(root, exist_ok=True)
   pairs.copy_text_tokenizer(text_tokenizer, root)
   splits = {'train': [k for k in kept if not pairs.is_val(k[0], cfg.val_fraction)],
@@ -225,8 +261,8 @@ def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
     for lo in progress(range(0, len(part), cfg.encode_batch), desc=f'encoding {split} clips', unit='batch'):
       codes.append(tokenizer.encode(stack(part[lo:lo + cfg.encode_batch])))
     codes = np.concatenate(codes) if codes else np.zeros((0, tokenizer.tokens_per_item), np.int32)
-    records = [{'text': x, 'audio': c} for (_, _, x), c in zip(part, codes)]
-    entries[split] = [store.write_shard(os.path.join(root, split, '00000'), records, ['text', 'audio'])]
+    rows = [{'text': x, 'audio': c} for (_, _, x), c in zip(part, codes)]
+    entries[split] = [store.write_shard(os.path.join(root, split, '00000'), rows, ['text', 'audio'])]
     if split == 'val' and part and isinstance(tokenizer, audio_tok.AudioTokenizer):
       waves = stack(part)
       dist = audio_tok.logmel_l1(tokenizer.log_mel(waves), tokenizer.decode_mel(codes))
@@ -236,7 +272,9 @@ def prepare_audio(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
         write_listening(os.path.join(root, LISTEN_DIR), tokenizer, waves[:n], [t for t, _, _ in part[:n]])
   log(f'audio tokenizer {tokenizer.name}: {quality}; skipped {counts}')
   source = {'sources': per_source, 'items': len(kept), 'skipped': counts, 'tokenizer_quality': quality,
-            'settings': pairs.settings_of(cfg, text_tokenizer.sha256)}
+            'settings': pairs.settings_of(cfg, text_tokenizer.sha256), 'oov': oov}
+  if tally.bad:
+    source['bad_records'] = tally.summary()
   return store.write_manifest(root, modality='audio', fields=['text', 'audio'],
                               tokenizers={'text': pairs.text_tokenizer_entry(text_tokenizer),
                                           'audio': tokenizer.manifest_entry(tok_file)},

@@ -5,9 +5,9 @@ Beam pipeline, for corpora one process cannot tokenize. Any runner and pipeline 
 The same sources and config give the same bytes (shards, labels, previews, manifest) on every run,
 whatever the runner and the worker count, and they are the in-process builders' (text.py, image.py,
 audio.py) bytes wherever those are reproducible themselves: text manifests add `source.skipped`
-(text.py counts nothing); SentencePiece is trained on one thread (`train_spm`), since text.py's
-multi-threaded trainer differs from run to run; image and audio tokenizers equal the in-process ones
-while data.beam_tokenizer_sample covers every pair (as on the demo data). Per dataset:
+SentencePiece is trained on one thread (text.train_tokenizer, both paths); image and audio tokenizers
+equal the in-process ones while data.beam_tokenizer_sample covers every pair (as on the demo data).
+Per dataset:
   1. the driver removes the old manifest first, so a dataset being rebuilt is never readable, then the
      old shards;
   2. it reads the tokenizer sample in source order and trains the tokenizer there, once: SentencePiece
@@ -15,8 +15,8 @@ while data.beam_tokenizer_sample covers every pair (as on the demo data). Per da
      data.beam_tokenizer_sample pairs (tokenizer quality is measured on that sample's validation part);
      the files and their hashes are written before the pipeline starts, and workers check the hash;
   3. the pipeline reads, decodes, caps, ranks, encodes and writes the shards (beam_stages.py);
-  4. the driver checks that every shard exists and that bad records stay under
-     data.beam_max_bad_fraction, then writes the manifest, last.
+  4. the driver checks that every shard exists and that each user source's bad records stay under
+     data.max_bad_fraction (records.py, the in-process rule and message), then writes the manifest, last.
 A crashed run leaves no manifest; running prepare again rebuilds the dataset from step 1.
 """
 
@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
 from tmdm.data import store
-from tmdm.datasets import audio, beam_sources as src, beam_stages as stages, image, pairs, text
+from tmdm.datasets import audio, beam_sources as src, beam_stages as stages, image, pairs, records, text
 from tmdm.errors import DataError, MissingCorpus
 from tmdm.tokenizers import audio as audio_tok, image as image_tok, registry as tok_registry
 
@@ -52,14 +52,13 @@ class BeamRun:
   runner: str = 'DirectRunner'
   options: str = ''  # Beam pipeline flags, one string: '--direct_num_workers=2 --direct_running_mode=multi_processing'
   shard_records: int = 50_000
-  max_bad_fraction: float = 0.2
   tokenizer_sample: int = 100_000
   fault: str = ''  # Tests only: 'split/shard' fails that shard's writer after its temporary files exist.
 
   @classmethod
   def from_config(cls, cfg, runner: str, options: str = '') -> 'BeamRun':
     return cls(runner=runner, options=options, shard_records=cfg.data.beam_shard_records,
-               max_bad_fraction=cfg.data.beam_max_bad_fraction, tokenizer_sample=cfg.data.beam_tokenizer_sample)
+               tokenizer_sample=cfg.data.beam_tokenizer_sample)
 
 
 def pipeline_options(run: BeamRun) -> PipelineOptions:
@@ -146,13 +145,21 @@ def _skipped(report, names) -> dict:
   return {k: report.get(f'skipped/{k}', 0) for k in tuple(names) + tuple(extra)}
 
 
-def _check_bad(root, skipped, limit):
-  """Fails the run (before the manifest) when more than `limit` of the records read were bad."""
-  bad = sum(v for k, v in skipped.items() if k not in src.NOT_BAD)
-  read = skipped.get('read', 0)
-  if read and bad / read > limit:
-    raise DataError(f'{root}: {bad} of {read} records read were bad ({bad / read:.1%} > data.beam_max_bad_fraction='
-                    f'{limit}; {skipped}); shards are written, no manifest')
+def _tally(report, sources, limit, log_fn) -> records.Tally:
+  """records.Tally of the pipeline's report; raises as the in-process build does (source by source,
+  the same one-line message) when a source has too many bad records. Shards are written, no manifest."""
+  tally = records.Tally(limit, log_fn)
+  for s, name in enumerate(sources):
+    bad = {k.split('/', 2)[2]: v for k, v in report.items() if k.startswith(f'bad/{s}/')}
+    if bad:
+      tally.merge(name, report.get(f'read/{s}', 0), bad, report.get(f'first/{s}', []))
+  for name in sources:
+    tally.check(name)
+  return tally
+
+
+def _oov(report) -> dict:
+  return text.oov_report({k.split('/', 1)[1]: v for k, v in report.items() if k.startswith('oov/')})
 
 
 def _finish(root, work):
@@ -167,7 +174,7 @@ def _read_one(_):
 
 
 def _reason(skip):
-  return ('skipped', skip[1]), 1
+  return ('skipped', stages.skip_name(skip[1])), 1
 
 
 def _split_of_ranked(ranked):
@@ -178,7 +185,7 @@ def _source_of(item):
   return ('source', item[0][0]), 1
 
 
-def _tally(source_counts):
+def _replayed(source_counts):
   return [(('skipped', k), v) for k, v in source_counts[1].items()]
 
 
@@ -225,14 +232,17 @@ def _text_pipeline(p, root, tasks, *, val_fraction, max_docs, shard_records, spm
             | 'rank' >> stages.Rank(cap=max_docs))
   written = (ranked | 'by shard' >> beam.Map(stages.by_shard, shard_records) | 'group shards' >> beam.GroupByKey()
              | 'write' >> beam.ParDo(stages.WriteShard(root, ['text'], spm=spm, fault=fault)))
+  everything = (read[src.ITEM], read[src.SKIP]) | 'all read' >> beam.Flatten()
+  per_source, firsts = stages.tally(everything, read[src.SKIP])
   stages.report([read[src.ITEM] | 'count items' >> beam.Map(_read_one),
                  read[src.SKIP] | 'count skips' >> beam.Map(_read_one),
                  read[src.SKIP] | 'count reasons' >> beam.Map(_reason),
-                 unique[src.SKIP], ranked | 'count splits' >> beam.Map(_split_of_ranked), written], root)
+                 unique[src.SKIP], ranked | 'count splits' >> beam.Map(_split_of_ranked), written, *per_source],
+                root, firsts)
 
 
 def prepare_text(root, *, sources, vocab_size, val_fraction, max_docs=0, spm_sample_docs=200_000, run=BeamRun(),
-                 progress=None, counters=None):
+                 progress=None, counters=None, max_bad_fraction=1.0):
   """text.prepare_text on Beam (same arguments, shard size from run.shard_records); returns the manifest."""
   progress = progress or (lambda it, **_: it)
   start = time.time()
@@ -247,10 +257,14 @@ def prepare_text(root, *, sources, vocab_size, val_fraction, max_docs=0, spm_sam
   report = stages.read_report(root)
   entries = _finalize_shards(root, ['text'], report, run.shard_records)
   skipped = _skipped(report, src.TEXT_SKIPS)
-  _check_bad(root, skipped, run.max_bad_fraction)
+  tally = _tally(report, sources, max_bad_fraction, log.warning)
+  oov = _oov(report)
+  log.info('%s', text.oov_line('text', oov))
   tokenizer = {'name': 'sentencepiece', 'file': 'spm.model', 'vocab_size': tok.vocab_size, 'sha256': tok.sha256}
   documents = report.get('split/train', 0) + report.get('split/val', 0)
-  source = {'corpora': list(sources), 'documents': documents, 'skipped': skipped}
+  source = {'corpora': list(sources), 'documents': documents, 'skipped': skipped, 'oov': oov}
+  if tally.bad:
+    source['bad_records'] = tally.summary()
   manifest = store.write_manifest(root, modality='text', fields=['text'], tokenizers={'text': tokenizer},
                                   splits=entries, source=source)
   return _finish(root, manifest)
@@ -392,7 +406,7 @@ def _pairs_pipeline(p, mod, root, tasks, cfg, *, tallied, spm, media, shard_reco
   items, skips = stages.cap_per_source(items, skips, cfg.max_items)
   captioned = (items | 'caption batches' >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
                | 'encode captions' >> beam.ParDo(stages.EncodeCaptions(mod.name, *spm, cfg.val_fraction)).with_outputs(
-                   src.SKIP, main='kept'))
+                   src.SKIP, stages.OOV, main='kept'))
   ranked = captioned['kept'] | 'rank' >> stages.Rank()
   samples = int(round(cfg.seconds * cfg.sample_rate)) if mod.name == 'audio' else 0
   written = (ranked | 'by encode batch' >> beam.Map(stages.by_encode_batch, cfg.encode_batch)
@@ -400,14 +414,15 @@ def _pairs_pipeline(p, mod, root, tasks, cfg, *, tallied, spm, media, shard_reco
              | 'encode media' >> beam.ParDo(stages.EncodeMedia(mod.name, *media, shard_records, samples))
              | 'group shards' >> beam.GroupByKey()
              | 'write' >> beam.ParDo(stages.WriteShard(root, ['text', mod.name], fault=fault)))
+  per_source, firsts = stages.tally((items, skips) | 'all read' >> beam.Flatten(), skips)
   stages.report([items | 'untallied' >> beam.Filter(_not_tallied, tallied) | 'count items' >> beam.Map(_read_one),
                  skips | 'count skips' >> beam.Map(_read_one), skips | 'count reasons' >> beam.Map(_reason),
-                 read[src.TALLY] | 'tallies' >> beam.FlatMap(_tally), items | 'per source' >> beam.Map(_source_of),
-                 captioned[src.SKIP] | 'count empty captions' >> beam.Map(_reason),
-                 ranked | 'count splits' >> beam.Map(_split_of_ranked), written], root)
+                 read[src.TALLY] | 'tallies' >> beam.FlatMap(_replayed), items | 'per source' >> beam.Map(_source_of),
+                 captioned[src.SKIP] | 'count empty captions' >> beam.Map(_reason), captioned[stages.OOV],
+                 ranked | 'count splits' >> beam.Map(_split_of_ranked), written, *per_source], root, firsts)
 
 
-def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, counters):
+def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, counters, max_bad_fraction):
   progress = progress or (lambda it, **_: it)
   sources = src.split_sources(cfg.sources)
   start = time.time()
@@ -420,11 +435,11 @@ def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, cou
   quality = (_image_quality if mod.name == 'image' else _audio_quality)(root, tokenizer, part['val'], cfg)
   log.info('%s tokenizer: sampled %d pairs, trained and measured in %.1f s', mod.name, len(sample), time.time() - start)
   del sample, part
-  tallied = [s for s, name in enumerate(sources) if name in image.IMAGE_SOURCES] if mod.name == 'image' else []
+  replayed = [s for s, name in enumerate(sources) if name in image.IMAGE_SOURCES] if mod.name == 'image' else []
   spm = (os.path.join(root, os.path.basename(text_tokenizer.path)), text_tokenizer.sha256)
   media = (os.path.abspath(os.path.join(root, tok_file)), tokenizer.sha256)
   plain = _plain(cfg)
-  _run(lambda p: _pairs_pipeline(p, mod, root, tasks, plain, tallied=tallied, spm=spm, media=media,
+  _run(lambda p: _pairs_pipeline(p, mod, root, tasks, plain, tallied=replayed, spm=spm, media=media,
                                  shard_records=run.shard_records, fault=run.fault), run, counters)
   report = stages.read_report(root)
   entries = _finalize_shards(root, ['text', mod.name], report, run.shard_records, labels=mod.name == 'image')
@@ -432,7 +447,9 @@ def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, cou
   items = report.get('split/train', 0) + report.get('split/val', 0)
   if not items:
     raise MissingCorpus(f'no usable {mod.name}-text pairs in {cfg.sources!r} (skipped: {skipped})')
-  _check_bad(root, skipped, run.max_bad_fraction)
+  tally = _tally(report, sources, max_bad_fraction, log_fn)
+  oov = _oov(report)
+  log_fn(text.oov_line('image captions' if mod.name == 'image' else 'audio transcripts', oov))
   log_fn(f'{mod.name} tokenizer {tokenizer.name}: {quality}; skipped {skipped}')
   per_source = {}
   for s, name in enumerate(sources):
@@ -441,6 +458,9 @@ def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, cou
             'settings': pairs.settings_of(cfg, text_tokenizer.sha256)}
   if mod.name == 'image':
     source['labels'] = {s: f'{image.LABELS_DIR}/{s}.npy' for s in entries}
+  source['oov'] = oov
+  if tally.bad:
+    source['bad_records'] = tally.summary()
   manifest = store.write_manifest(root, modality=mod.name, fields=['text', mod.name],
                                   tokenizers={'text': pairs.text_tokenizer_entry(text_tokenizer),
                                               mod.name: tokenizer.manifest_entry(tok_file)},
@@ -448,13 +468,15 @@ def _prepare_pairs(mod, root, *, text_tokenizer, cfg, run, progress, log_fn, cou
   return _finish(root, manifest)
 
 
-def prepare_image(root, *, text_tokenizer, cfg, run=BeamRun(), progress=None, log=print, counters=None):
+def prepare_image(root, *, text_tokenizer, cfg, run=BeamRun(), progress=None, log=print, counters=None,
+                  max_bad_fraction=1.0):
   """image.prepare_image on Beam (same arguments); returns the manifest."""
   return _prepare_pairs(MODALITIES['image'], root, text_tokenizer=text_tokenizer, cfg=cfg, run=run, progress=progress,
-                        log_fn=log, counters=counters)
+                        log_fn=log, counters=counters, max_bad_fraction=max_bad_fraction)
 
 
-def prepare_audio(root, *, text_tokenizer, cfg, run=BeamRun(), progress=None, log=print, counters=None):
+def prepare_audio(root, *, text_tokenizer, cfg, run=BeamRun(), progress=None, log=print, counters=None,
+                  max_bad_fraction=1.0):
   """audio.prepare_audio on Beam (same arguments); returns the manifest."""
   return _prepare_pairs(MODALITIES['audio'], root, text_tokenizer=text_tokenizer, cfg=cfg, run=run, progress=progress,
-                        log_fn=log, counters=counters)
+                        log_fn=log, counters=counters, max_bad_fraction=max_bad_fraction)

@@ -8,18 +8,18 @@ only ever sorts by these keys, so its output does not depend on how the work was
 
 A reader turns a task into events, plain tuples (kind, key, value):
   (ITEM, key, payload)   a record (text: the document; pairs: a dict, see `pair_payload`)
-  (SKIP, key, reason)    a bad record, counted per reason
+  (SKIP, key, reason)    a skipped record, counted per reason: a records.Bad for a user's record (also
+                         tallied per source, records.py's policy), a name for the built-ins' skips
   (TASK, key, job)       work for the parallel decode step (an image to open, a clip to speak or read)
   (TALLY, key, counts)   the skip and read counts of a source replayed in-process (built-ins)
 Built-in image sources and espeak planning share one random generator across sources in-process, so
-each of those is one sequential task; user files (txt, JSONL) are one task per file. Local paths use
+each of those is one sequential task; user files (txt, JSONL, Parquet) are one task per file. Local paths use
 the standard library (as the in-process readers do); gs:// and other schemes go through Beam's
 FileSystems (`pip install apache-beam[gcp]` for gs://).
 """
 
 import glob
 import io
-import json
 import os
 import posixpath
 import shutil
@@ -30,14 +30,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from tmdm.datasets import audio, image, pairs, text
+from tmdm.datasets import audio, image, pairs, records, text
 from tmdm.errors import MissingCorpus
 
 ITEM, SKIP, TASK, TALLY = 'item', 'skip', 'task', 'tally'
-TEXT_SKIPS = ('read', 'empty_text', 'bad_line', 'duplicate', 'empty_tokens')  # Beam-only: text.py counts none.
+TEXT_SKIPS = text.SKIPS  # text.prepare_text's order
 IMAGE_SKIPS = ('read', 'unreadable_image', 'empty_caption', 'bad_line', 'duplicate')  # image.prepare_image's order
 AUDIO_SKIPS = ('read', 'unreadable_audio', 'silent_audio', 'too_long', 'empty_caption', 'bad_line')  # audio's
-NOT_BAD = ('read', 'duplicate')  # Counted, but not bad records (for data.beam_max_bad_fraction).
 
 
 # Files: local through the standard library (byte-identical to the in-process readers), else Beam.
@@ -82,27 +81,33 @@ def join(folder: str, rel: str) -> str:
 
 
 def jsonl_lines(path):
-  """(line number, line) of the non-blank lines, as text mode reads them (universal newlines). Bytes
-  that are not UTF-8 come back as surrogates, so that `undecodable` can count the line instead of the
-  whole file failing."""
+  """(FILE:LINE, line) of the non-blank lines, as text mode reads them (universal newlines). Bytes
+  that are not UTF-8 come back as surrogates, for records.parse_line to name."""
   with io.TextIOWrapper(open_binary(path), encoding='utf-8', errors='surrogateescape') as f:
     for n, line in enumerate(f, 1):
       if line.strip():
-        yield n, line
+        yield f'{path}:{n}', line
 
 
-def undecodable(line: str) -> bool:
-  return any('\udc80' <= c <= '\udcff' for c in line)
+def user_records(file_kind, modality, path):
+  """(where, line or row) of a user's JSONL or Parquet file (records.py judges each)."""
+  if file_kind == 'parquet':
+    yield from records.parquet_rows(modality, path, open_binary)
+  else:
+    yield from jsonl_lines(path)
 
 
-def jsonl_files(arg: str, what: str) -> list:
-  """The files of a `jsonl:` source: one path, or (Beam only) a glob of many."""
-  paths = match(arg) if has_glob(arg) else [arg]
+def user_files(kind: str, arg: str, modality: str, what: str) -> list:
+  """The files of a `jsonl:` source (one path, or (Beam only) a glob of many) or of a `parquet:` glob;
+  Parquet files' columns are checked here, before anything is built."""
+  paths = match(arg) if has_glob(arg) or kind == 'parquet' else [arg]
   if not paths:
     raise MissingCorpus(f'no files match {arg!r}')
   for path in paths:
     if not exists(path):
       raise MissingCorpus(f'{path} not found (expected a JSONL of {what})')
+    if kind == 'parquet':
+      records.parquet_schema(modality, path, open_binary)
   return paths
 
 
@@ -113,7 +118,8 @@ def split_sources(spec: str) -> list:
 # Text: the readers of text.py, per task.
 
 def text_tasks(sources) -> list:
-  """(kind, key, argument) tasks: a built-in corpus is one, txt:GLOB one per file, jsonl one per file."""
+  """(kind, key, argument) tasks: a built-in corpus is one, txt:GLOB one per file, jsonl and parquet one
+  per file."""
   tasks = []
   for s, name in enumerate(sources):
     kind, sep, arg = name.partition(':')
@@ -122,12 +128,14 @@ def text_tasks(sources) -> list:
       if not paths:
         raise MissingCorpus(f'no files match {arg!r}')
       tasks += [('txt', (s, 0, p), path) for p, path in enumerate(paths)]
-    elif sep and kind == 'jsonl':
-      tasks += [('jsonl', (s, u, 0), path) for u, path in enumerate(jsonl_files(arg, 'objects with a "text" field'))]
+    elif sep and kind in ('jsonl', 'parquet'):
+      files = user_files(kind, arg, 'text', 'objects with a "text" field')
+      tasks += [(kind, (s, u, 0), path) for u, path in enumerate(files)]
     elif name in text.CORPORA:
       tasks.append(('corpus', (s, 0, 0), name))
     else:
-      raise MissingCorpus(f'unknown text corpus {name!r} (choices: {", ".join(text.CORPORA)}, txt:GLOB, jsonl:PATH)')
+      raise MissingCorpus(f'unknown text corpus {name!r} (choices: {", ".join(text.CORPORA)}, txt:GLOB, jsonl:PATH, '
+                          'parquet:GLOB)')
   return tasks
 
 
@@ -141,20 +149,9 @@ def read_text_task(task):
       doc = text.decode_utf8(f.read(), arg).strip()  # A file that is not UTF-8 stops the build, as in text.py.
     yield (ITEM, (s, 0, p), doc) if doc else (SKIP, (s, 0, p), 'empty_text')
   else:
-    for n, line in jsonl_lines(arg):
-      yield _text_line(line, (s, u, n))
-
-
-def _text_line(line, key):
-  if undecodable(line):
-    return SKIP, key, 'bad_line'
-  try:
-    doc = json.loads(line)['text']
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return SKIP, key, 'bad_line'
-  if not isinstance(doc, str):
-    return SKIP, key, 'bad_line'
-  return (ITEM, key, doc) if doc.strip() else (SKIP, key, 'empty_text')
+    for n, (where, raw) in enumerate(user_records(kind, 'text', arg), 1):
+      got = records.parse_line('text', raw, where) if isinstance(raw, str) else records.check('text', raw, where)
+      yield (SKIP, (s, u, n), got) if isinstance(got, records.Bad) else (ITEM, (s, u, n), got[0])
 
 
 # Pairs: what image and audio records carry through the pipeline.
@@ -172,30 +169,41 @@ def split_of(split_key: str, fraction: float) -> str:
 
 def image_tasks(sources) -> list:
   """Built-in sources (digits, adwaita) are one task: image.prepare_image draws their captions from one
-  generator in source order. Each user JSONL (jsonl:PATH, folder:DIR) is one task."""
+  generator in source order. Each user file (jsonl:PATH, folder:DIR, parquet:GLOB) is one task."""
   builtin, tasks = [], []
   for s, name in enumerate(sources):
     kind, sep, arg = name.partition(':')
-    if sep and kind in ('jsonl', 'folder'):
+    if sep and kind in ('jsonl', 'folder', 'parquet'):
       path = os.path.join(arg, 'captions.jsonl') if kind == 'folder' else arg
-      files = jsonl_files(path, '{"image": path, "caption": text}')
-      tasks += [('pairs', (s, u, 0), f) for u, f in enumerate(files)]
+      files = user_files(kind, path, 'image', '{"image": path, "caption": text}')
+      tasks += [(kind, (s, u, 0), f) for u, f in enumerate(files)]
     elif name in image.IMAGE_SOURCES:
       builtin.append((s, name))
     else:
       raise MissingCorpus(f'unknown image source {name!r} (choices: {", ".join(image.IMAGE_SOURCES)}, '
-                          'jsonl:PATH, folder:DIR)')
+                          'jsonl:PATH, folder:DIR, parquet:GLOB)')
   return ([('builtin', (builtin[0][0], 0, 0), builtin)] if builtin else []) + tasks
 
 
+def _user_events(modality, task):
+  """A user file's records as events: bad ones SKIPs, good ones decode TASKs
+  (where, what to read, how messages show it, caption, split key)."""
+  kind, (s, u, _), path = task
+  folder = folder_of(path)
+  for n, (where, raw) in enumerate(user_records(kind, modality, path), 1):
+    got = records.parse_line(modality, raw, where) if isinstance(raw, str) else records.check(modality, raw, where)
+    if isinstance(got, records.Bad):
+      yield SKIP, (s, u, n), got
+    else:
+      ref, split_key, shown = records.media_ref(got[0], folder, join)
+      yield TASK, (s, u, n), ('user', where, ref, shown, got[1].strip(), split_key)
+
+
 def read_image_task(task, cfg):
-  kind, (s, u, _), arg = task
-  if kind == 'builtin':
-    yield from _replay_builtin_images(arg, cfg)
-    return
-  folder = folder_of(arg)
-  for n, line in jsonl_lines(arg):
-    yield _image_line(line, (s, u, n), folder)
+  if task[0] == 'builtin':
+    yield from _replay_builtin_images(task[2], cfg)
+  else:
+    yield from _user_events('image', task)
 
 
 def _replay_builtin_images(sources, cfg):
@@ -216,60 +224,38 @@ def _replay_builtin_images(sources, cfg):
     yield TALLY, (s, 0, 0), counts
 
 
-def _image_line(line, key, folder):
-  """One line of a user JSONL, as image.read_pairs_jsonl judges it; good lines become decode TASKs."""
-  if undecodable(line):
-    return SKIP, key, 'bad_line'
-  try:
-    row = json.loads(line)
-    image_path, caption = row.get('image') or row['file'], row['caption']
-  except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-    return SKIP, key, 'bad_line'
-  if not isinstance(caption, str) or not caption.strip():
-    return SKIP, key, 'empty_caption'
-  try:
-    full = join(folder, image_path)
-  except TypeError:
-    return SKIP, key, 'unreadable_image'
-  return TASK, key, (full, caption.strip())
-
-
 def decode_image(key, job, size_fit):
-  full, caption = job
+  _, where, ref, shown, caption, split_key = job
   try:
-    with Image.open(io.BytesIO(read_bytes(full))) as img:
-      pixels = image.to_rgb(img, *size_fit)
-  except (OSError, ValueError, TypeError, Image.DecompressionBombError):
-    return SKIP, key, 'unreadable_image'
-  return ITEM, key, pair_payload(f'user-{full}', caption, pixels)
+    pixels = image.load_user_image(ref if isinstance(ref, bytes) else read_bytes(ref), *size_fit)
+  except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+    return SKIP, key, records.unreadable('image', where, shown, e)
+  return ITEM, key, pair_payload(split_key, caption, pixels)
 
 
 # Audio: audio.py's sources.
 
 def audio_tasks(sources) -> list:
   """The espeak sources are one planning task (audio.prepare_audio draws sentences, voices and speeds
-  from one generator in source order); each user JSONL is one task."""
+  from one generator in source order); each user file is one task."""
   spoken, tasks = [], []
   for s, name in enumerate(sources):
     kind, _, arg = name.partition(':')
     if kind == 'espeak' and arg:
       spoken.append((s, arg))
-    elif kind == 'jsonl' and arg:
-      files = jsonl_files(arg, '{"audio": wav path, "text": transcript}')
-      tasks += [('clips', (s, u, 0), f) for u, f in enumerate(files)]
+    elif kind in ('jsonl', 'parquet') and arg:
+      files = user_files(kind, arg, 'audio', '{"audio": wav path, "text": transcript}')
+      tasks += [(kind, (s, u, 0), f) for u, f in enumerate(files)]
     else:
-      raise MissingCorpus(f'unknown audio source {name!r} (choices: espeak:CORPUS, jsonl:PATH)')
+      raise MissingCorpus(f'unknown audio source {name!r} (choices: espeak:CORPUS, jsonl:PATH, parquet:GLOB)')
   return ([('espeak', (spoken[0][0], 0, 0), spoken)] if spoken else []) + tasks
 
 
 def read_audio_task(task, cfg):
-  kind, (s, u, _), arg = task
-  if kind == 'espeak':
-    yield from _plan_espeak(arg, cfg)
-    return
-  folder = folder_of(arg)
-  for n, line in jsonl_lines(arg):
-    yield _clip_line(line, (s, u, n), folder)
+  if task[0] == 'espeak':
+    yield from _plan_espeak(task[2], cfg)
+  else:
+    yield from _user_events('audio', task)
 
 
 def _plan_espeak(sources, cfg):
@@ -288,37 +274,19 @@ def _plan_espeak(sources, cfg):
       yield TASK, (s, 0, j), ('espeak',) + job
 
 
-def _clip_line(line, key, folder):
-  if undecodable(line):
-    return SKIP, key, 'bad_line'
-  try:
-    row = json.loads(line)
-    wav_path, transcript = row['audio'], row['text']
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return SKIP, key, 'bad_line'
-  if not isinstance(transcript, str) or not transcript.strip():
-    return SKIP, key, 'empty_caption'
-  try:
-    full = join(folder, wav_path)
-  except TypeError:
-    return SKIP, key, 'unreadable_audio'
-  return TASK, key, ('wav', full, transcript.strip())
-
-
 def decode_audio(key, job, cfg):
-  """Speaks or reads one clip, then audio.condition and the length check, as audio.prepare_audio."""
+  """Speaks or reads one clip, then audio.check_clip, as audio.prepare_audio."""
+  user = job[0] == 'user'
   try:
-    if job[0] == 'espeak':
+    if user:
+      _, where, ref, shown, transcript, _ = job
+      wave_S, rate = audio.load_user_clip(read_bytes(ref) if isinstance(ref, str) and is_remote(ref) else ref)
+    else:
       _, transcript, voice, speed = job
       wave_S, rate = audio.espeak(transcript, voice, speed)
-    else:
-      _, path, transcript = job
-      wave_S, rate = audio.read_wav(io.BytesIO(read_bytes(path)) if is_remote(path) else path)
-  except (OSError, ValueError, TypeError, subprocess.TimeoutExpired):
-    return SKIP, key, 'unreadable_audio'
-  wave_S = audio.condition(wave_S, rate, cfg.sample_rate)
-  if wave_S is None:
-    return SKIP, key, 'silent_audio'
-  if len(wave_S) > int(round(cfg.seconds * cfg.sample_rate)):
-    return SKIP, key, 'too_long'
+  except (OSError, ValueError, TypeError, subprocess.TimeoutExpired) as e:
+    return SKIP, key, records.unreadable('audio', where, shown, e) if user else 'unreadable_audio'
+  wave_S, problem = audio.check_clip(wave_S, rate, cfg)
+  if problem:
+    return SKIP, key, records.unusable('audio', where, shown, *problem) if user else records.UNUSABLE[problem[0]]
   return ITEM, key, pair_payload(transcript, transcript, wave_S)

@@ -23,7 +23,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from tmdm.data import store
-from tmdm.datasets import beam_sources as src, text
+from tmdm.datasets import beam_sources as src, records, text
 from tmdm.errors import DataError
 from tmdm.tokenizers import audio as audio_tok, registry as tok_registry
 
@@ -31,6 +31,7 @@ BLOCK = 1024  # Consecutive positions ranked together (bounds the records one wo
 TEXT_ENCODE_BATCH = 1000  # Documents per SentencePiece call (as text.prepare_text).
 WORK_DIR = '.beam-work'  # Inside the dataset root: temporary shards, labels, the report. Removed at the end.
 REPORT = 'report.json'
+OOV = 'oov'  # EncodeCaptions' output of text.oov_counts entries.
 
 
 def counter(modality: str, name: str):
@@ -69,12 +70,17 @@ class ReadTasks(beam.DoFn):
       if kind == src.ITEM:
         yield key, value
       elif kind == src.SKIP:
-        counter(self.modality, value).inc()
+        counter(self.modality, skip_name(value)).inc()
         yield beam.pvalue.TaggedOutput(src.SKIP, (key, value))
       elif kind == src.TASK:
         yield beam.pvalue.TaggedOutput(src.TASK, (key, value))
       else:
         yield beam.pvalue.TaggedOutput(src.TALLY, (key[0], value))
+
+
+def skip_name(value) -> str:
+  """A SKIP's source.skipped name: a records.Bad's, or the built-ins' plain name."""
+  return value.skip if isinstance(value, records.Bad) else value
 
 
 def read(pcoll, modality, fn, *args, label, decode=False):
@@ -164,9 +170,9 @@ def _starts(counts):
 
 
 def _number(grouped, starts, cap):
-  block, records = grouped
+  block, group = grouped
   next_rank = {}
-  for i, (key, split, payload) in enumerate(sorted(records, key=lambda r: r[0])):
+  for i, (key, split, payload) in enumerate(sorted(group, key=lambda r: r[0])):
     if cap and starts['all'][block] + i >= cap:
       return
     rank = next_rank.get(split, starts['split'][(block, split)])
@@ -182,8 +188,8 @@ class Rank(beam.PTransform):
     super().__init__(label)
     self.cap = cap
 
-  def expand(self, records):
-    blocked = records | 'by block' >> beam.Map(_keyed_by_block)
+  def expand(self, pcoll):
+    blocked = pcoll | 'by block' >> beam.Map(_keyed_by_block)
     starts = beam.pvalue.AsSingleton(blocked | 'block sizes' >> beam.Map(_block_split)
                                      | 'sum' >> beam.CombinePerKey(sum) | 'all blocks' >> beam.combiners.ToList()
                                      | 'starts' >> beam.Map(_starts))
@@ -205,13 +211,17 @@ class EncodeCaptions(beam.DoFn):
 
   def process(self, batch):
     ids = self.tok.encode([p['caption'] for _, p in batch])
+    kept = []
     for (key, payload), x in zip(batch, ids):
       if not len(x):
         counter(self.modality, 'empty_caption').inc()
         yield beam.pvalue.TaggedOutput(src.SKIP, (key, 'empty_caption'))
         continue
+      kept.append(payload['caption'])
       split = src.split_of(payload['split_key'], self.val_fraction)
       yield key, split, {'text': x, 'media': payload['media'], 'label': payload['label']}
+    for name, n in text.oov_counts(self.tok, kept).items():
+      yield beam.pvalue.TaggedOutput(OOV, (('oov', name), n))
 
 
 class EncodeMedia(beam.DoFn):
@@ -227,15 +237,15 @@ class EncodeMedia(beam.DoFn):
     self.tok = load_media_tokenizer(self.folder, self.sha256)
 
   def process(self, element):
-    (split, _), records = element
-    records = sorted(records, key=lambda r: r[1])
-    media = [r[2]['media'] for r in records]
+    (split, _), ranked = element
+    ranked = sorted(ranked, key=lambda r: r[1])
+    media = [r[2]['media'] for r in ranked]
     if self.modality == 'image':
       batch = np.stack(media).astype(np.float32) / 255
     else:
       batch = audio_tok.fit_length(media, self.samples)
     codes = self.tok.encode(batch)
-    for (_, rank, payload), c in zip(records, codes):
+    for (_, rank, payload), c in zip(ranked, codes):
       record = {'text': payload['text'], self.modality: c, 'label': payload['label']}
       yield (split, rank // self.shard_records), (rank, record)
 
@@ -306,17 +316,19 @@ class WriteShard(beam.DoFn):
     payloads = [p for _, p in sorted(ranked, key=lambda r: r[0])]
     work = os.path.join(self.root, WORK_DIR)
     if self.tok is not None:
-      records = self._text_records(payloads)
-      if len(records) < len(payloads):
-        counter('text', 'empty_tokens').inc(len(payloads) - len(records))
-        yield ('skipped', 'empty_tokens'), len(payloads) - len(records)
+      rows = self._text_records(payloads)
+      if len(rows) < len(payloads):
+        counter('text', 'empty_tokens').inc(len(payloads) - len(rows))
+        yield ('skipped', 'empty_tokens'), len(payloads) - len(rows)
+      for name, n in text.oov_counts(self.tok, payloads).items():
+        yield ('oov', name), n
     else:
-      records = payloads
+      rows = payloads
       os.makedirs(os.path.join(work, 'labels'), exist_ok=True)
-      labels = np.asarray([r['label'] for r in records], np.int32)
+      labels = np.asarray([r['label'] for r in rows], np.int32)
       save_npy(os.path.join(work, 'labels', f'{split}-{shard:05d}.npy'), labels)
     tmp = os.path.join(work, 'tmp', f'{split}-{shard:05d}-{uuid.uuid4().hex}')
-    store.write_shard(tmp, records, self.fields)
+    store.write_shard(tmp, rows, self.fields)
     if self.fault == f'{split}/{shard}':
       raise RuntimeError(f'injected fault after writing {tmp}')
     publish(tmp, shard_path(self.root, split, shard), self.fields)
@@ -325,8 +337,10 @@ class WriteShard(beam.DoFn):
 
 # The report: every count the manifest needs, summed, in one JSON file the driver reads.
 
-def write_report(entries, root):
+def write_report(entries, root, first=()):
+  """first: (source, [(key, message)]) of each source's first bad records, as 'first/SOURCE' lists."""
   report = {f'{a}/{b}': n for (a, b), n in sorted(entries, key=lambda e: (e[0][0], str(e[0][1])))}
+  report.update({f'first/{s}': [m for _, m in sorted(found)] for s, found in first})
   os.makedirs(os.path.join(root, WORK_DIR), exist_ok=True)
   path = os.path.join(root, WORK_DIR, REPORT)
   with open(path + '.tmp', 'w') as f:
@@ -334,10 +348,39 @@ def write_report(entries, root):
   os.replace(path + '.tmp', path)
 
 
-def report(counts, root):
-  """counts: PCollections of ((category, name), n); writes WORK_DIR/report.json once all are summed."""
+def _read_of(event):
+  return ('read', event[0][0]), 1
+
+
+def _is_bad(skip):
+  return isinstance(skip[1], records.Bad)
+
+
+def _bad_reason(skip):
+  return ('bad', f'{skip[0][0]}/{skip[1].reason}'), 1
+
+
+def _bad_message(skip):
+  return skip[0][0], (skip[0], skip[1].message)
+
+
+def tally(read, skips):
+  """records.py's per-source counts for the report: read, the skips of read that are records.Bad (by
+  reason) and their first messages. Returns (counts, firsts) for `report`."""
+  bad = skips | 'bad records' >> beam.Filter(_is_bad)
+  counts = [read | 'count read per source' >> beam.Map(_read_of),
+            bad | 'count bad per reason' >> beam.Map(_bad_reason)]
+  firsts = (bad | 'bad messages' >> beam.Map(_bad_message)
+            | 'first bad' >> beam.combiners.Top.SmallestPerKey(records.FIRST))
+  return counts, firsts
+
+
+def report(counts, root, firsts=None):
+  """counts: PCollections of ((category, name), n); firsts: tally()'s; writes WORK_DIR/report.json once
+  all are summed."""
+  side = beam.pvalue.AsList(firsts) if firsts is not None else ()
   return (counts | 'flatten counts' >> beam.Flatten() | 'sum counts' >> beam.CombinePerKey(sum)
-          | 'gather counts' >> beam.combiners.ToList() | 'write report' >> beam.Map(write_report, root))
+          | 'gather counts' >> beam.combiners.ToList() | 'write report' >> beam.Map(write_report, root, side))
 
 
 def read_report(root) -> dict:

@@ -8,7 +8,9 @@ Sources (entries of config `image.sources`):
                icon's name ("an icon of folder open"); every size folder, pixel-identical results dropped
   jsonl:PATH   a user's pairs, one {"image": path, "caption": text} per line (paths relative to PATH)
   folder:DIR   the same, read from DIR/captions.jsonl
-Bad inputs (unreadable image, empty caption, malformed line) are skipped and counted.
+  parquet:GLOB the same as columns "image" (encoded image bytes, or a path relative to the file) and "caption"
+Bad records of a user's files follow records.py's policy; the built-ins' unreadable icons and
+duplicates are skipped and counted.
 
 Legend: N items, H W C image height, width, channels (C = 3), uint8 while read, float32 in [0, 1]
 for the tokenizer.
@@ -17,7 +19,7 @@ for the tokenizer.
 import dataclasses
 import glob
 import hashlib
-import json
+import io
 import os
 import re
 
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from tmdm.data import store
-from tmdm.datasets import pairs, text
+from tmdm.datasets import pairs, records, text
 from tmdm.tokenizers import image as image_tok, registry as tok_registry
 
 ADWAITA_DIR = '/usr/share/icons/Adwaita'
@@ -140,48 +142,64 @@ def tokenizer_quality(root, tokenizer, images, codes, labels) -> dict:
   return quality
 
 
-def read_pairs_jsonl(path, size, rng, counts, image_key='image', fit='pad'):
+def load_user_image(ref, size, fit):
+  """A user's image (a path, or the encoded bytes of a Parquet row) -> uint8 [size, size, 3]."""
+  with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
+    return to_rgb(img, size, fit)
+
+
+def user_pairs(kind, name, rows, folder_of, size, counts, tally, fit):
+  """Items of (where, line or row) records of a user's file, bad ones counted and tallied (records.py)."""
+  for where, raw, path in rows:
+    counts['read'] += 1
+    tally.seen(name)
+    got = records.parse_line(kind, raw, where) if isinstance(raw, str) else records.check(kind, raw, where)
+    if not isinstance(got, records.Bad):
+      value, caption = got
+      ref, key, shown = records.media_ref(value, folder_of(path), os.path.join)
+      try:
+        yield Item(key, caption.strip(), load_user_image(ref, size, fit))
+        continue
+      except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+        got = records.unreadable(kind, where, shown, e)
+    counts[got.skip] += 1
+    tally.add(name, got)
+
+
+def read_pairs_jsonl(path, size, rng, counts, fit='pad', tally=None, name=None):
   """User pairs: {"image": path, "caption": text} per line; image paths relative to the file's folder."""
   del rng
   if not os.path.isfile(path):
     raise text.MissingCorpus(f'{path} not found (expected a JSONL of {{"image": path, "caption": text}})')
-  folder = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if not line.strip():
-        continue
-      counts['read'] += 1
-      try:
-        row = json.loads(line)
-        image_path, caption = row.get(image_key) or row['file'], row['caption']
-      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        counts['bad_line'] += 1
-        continue
-      if not isinstance(caption, str) or not caption.strip():
-        counts['empty_caption'] += 1
-        continue
-      full = os.path.join(folder, image_path)
-      try:
-        with Image.open(full) as img:
-          pixels = to_rgb(img, size, fit)
-      except (OSError, ValueError, TypeError):
-        counts['unreadable_image'] += 1
-        continue
-      yield Item(f'user-{full}', caption.strip(), pixels)
+  rows = ((where, line, path) for where, line in text.jsonl_lines(path))
+  yield from user_pairs('image', name or f'jsonl:{path}', rows, records.relative_to, size, counts,
+                        tally or records.Tally(), fit)
+
+
+def read_pairs_parquet(pattern, size, rng, counts, fit='pad', tally=None, name=None):
+  """User pairs as Parquet: "image" (bytes, or a path relative to the file) and "caption" columns."""
+  del rng
+  paths = sorted(glob.glob(pattern, recursive=True))
+  if not paths:
+    raise text.MissingCorpus(f'no files match {pattern!r}')
+  rows = ((where, row, path) for path in paths
+          for where, row in records.parquet_rows('image', path, lambda p: open(p, 'rb')))
+  yield from user_pairs('image', name or f'parquet:{pattern}', rows, records.relative_to, size, counts,
+                        tally or records.Tally(), fit)
 
 
 IMAGE_SOURCES = {'digits': read_digits, 'adwaita': read_adwaita}
-USER_IMAGE_SOURCES = {'jsonl': read_pairs_jsonl,
+USER_IMAGE_SOURCES = {'jsonl': read_pairs_jsonl, 'parquet': read_pairs_parquet,
                       'folder': lambda d, *a, **k: read_pairs_jsonl(os.path.join(d, 'captions.jsonl'), *a, **k)}
 
 
-def read_source(name, size, rng, counts, fit='pad'):
+def read_source(name, size, rng, counts, fit='pad', tally=None):
   kind, sep, arg = name.partition(':')
   if sep and kind in USER_IMAGE_SOURCES:
-    return USER_IMAGE_SOURCES[kind](arg, size, rng, counts, fit=fit)
+    return USER_IMAGE_SOURCES[kind](arg, size, rng, counts, fit=fit, tally=tally, name=name)
   if name not in IMAGE_SOURCES:
     raise text.MissingCorpus(f'unknown image source {name!r} (choices: {", ".join(IMAGE_SOURCES)}, '
-                             'jsonl:PATH, folder:DIR)')
+                             'jsonl:PATH, folder:DIR, parquet:GLOB)')
   return IMAGE_SOURCES[name](size, rng, counts)
 
 
@@ -201,16 +219,19 @@ def save_preview(path, originals_NHWC, recons_NHWC, n=16):
       (a.shape[1] * 3, a.shape[0] * 6), Image.Resampling.NEAREST).save(path)
 
 
-def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=None, log=print):
+def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=None, log=print, max_bad_fraction=1.0):
   """Reads the sources, trains the image tokenizer on the train split, writes the dataset; returns the
-  manifest. cfg: the config's `image` section (ConfigDict)."""
+  manifest. cfg: the config's `image` section (ConfigDict); max_bad_fraction: records.py's policy
+  (`tmdm prepare` passes data.max_bad_fraction)."""
   progress = progress or (lambda it, **_: it)
   rng = np.random.default_rng(cfg.seed)
   counts = {k: 0 for k in ('read', 'unreadable_image', 'empty_caption', 'bad_line', 'duplicate')}
+  tally = records.Tally(max_bad_fraction, log)
   items, per_source = [], {}
   for name in [s.strip() for s in cfg.sources.split(',') if s.strip()]:
     got = []
-    for item in progress(read_source(name, cfg.size, rng, counts, cfg.fit), desc=f'reading {name}', unit='img'):
+    for item in progress(read_source(name, cfg.size, rng, counts, cfg.fit, tally), desc=f'reading {name}',
+                         unit='img'):
       if not item.caption.strip():
         counts['empty_caption'] += 1
         continue
@@ -219,11 +240,14 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
         log(f'image source {name!r}: stopped at image.max_items={cfg.max_items} pairs; the rest of the source was '
             'not read (set --config.image.max_items=0 to read all of it)')
         break
+    tally.check(name)
     per_source[name] = len(got)
     items.extend(got)
   kept = tokenize_captions(items, text_tokenizer, counts)
   if not kept:
     raise text.MissingCorpus(f'no usable image-text pairs in {cfg.sources!r} (skipped: {counts})')
+  oov = text.oov_report(text.oov_counts(text_tokenizer, [it.caption for it, _ in kept]))
+  log(text.oov_line('image captions', oov))
   os.makedirs(root, exist_ok=True)
   pairs.copy_text_tokenizer(text_tokenizer, root)
   splits = {'train': [p for p in kept if not pairs.is_val(p[0].key, cfg.val_fraction)],
@@ -248,8 +272,8 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
     for lo in progress(range(0, len(images), cfg.encode_batch), desc=f'encoding {split} images', unit='batch'):
       codes.append(tokenizer.encode(images[lo:lo + cfg.encode_batch]))
     codes = np.concatenate(codes) if codes else np.zeros((0, tokenizer.tokens_per_item), np.int32)
-    records = [{'text': ids, 'image': c} for (_, ids), c in zip(part, codes)]
-    entries[split] = [store.write_shard(os.path.join(root, split, '00000'), records, ['text', 'image'])]
+    rows = [{'text': ids, 'image': c} for (_, ids), c in zip(part, codes)]
+    entries[split] = [store.write_shard(os.path.join(root, split, '00000'), rows, ['text', 'image'])]
     labels = np.asarray([it.label for it, _ in part], np.int32)
     np.save(os.path.join(root, LABELS_DIR, f'{split}.npy'), labels)
     if split == 'val' and len(images):
@@ -257,7 +281,9 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
   log(f'image tokenizer {tokenizer.name}: {quality}; skipped {counts}')
   source = {'sources': per_source, 'items': len(kept), 'skipped': counts, 'tokenizer_quality': quality,
             'settings': pairs.settings_of(cfg, text_tokenizer.sha256),
-            'labels': {s: f'{LABELS_DIR}/{s}.npy' for s in splits}}  # Row i of a split is record i.
+            'labels': {s: f'{LABELS_DIR}/{s}.npy' for s in splits}, 'oov': oov}  # Row i of a split is record i.
+  if tally.bad:
+    source['bad_records'] = tally.summary()
   return store.write_manifest(root, modality='image', fields=['text', 'image'],
                               tokenizers={'text': pairs.text_tokenizer_entry(text_tokenizer),
                                           'image': tokenizer.manifest_entry(tok_file)},

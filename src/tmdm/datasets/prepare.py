@@ -31,7 +31,7 @@ import tqdm
 
 from tmdm import storage
 from tmdm.data import shards as shards_lib, store
-from tmdm.datasets import audio, image, pairs, text
+from tmdm.datasets import audio, image, pairs, records, text
 from tmdm.errors import ConfigError
 
 log = logging.getLogger('tmdm')
@@ -65,8 +65,10 @@ def _building(root):
 
 def check_pair_sources(mod: str, spec: str):
   """A one-line error for an image or audio source that cannot be read, before anything is built (a
-  missing file would otherwise surface only after the text dataset was built)."""
+  missing file would otherwise surface only after the text dataset was built); Parquet files' columns
+  are checked here too."""
   builtin = image.IMAGE_SOURCES if mod == 'image' else {}
+  user = ('jsonl', 'folder', 'parquet') if mod == 'image' else ('jsonl', 'parquet')
   for name in (x.strip() for x in spec.split(',') if x.strip()):
     kind, sep, arg = name.partition(':')
     if name in builtin:
@@ -76,14 +78,17 @@ def check_pair_sources(mod: str, spec: str):
         raise text.MissingCorpus(f'{mod}.sources has {name!r} but espeak-ng is missing: `apt-get install espeak-ng`')
       continue
     path = storage.join(arg, 'captions.jsonl') if kind == 'folder' and mod == 'image' else arg
-    if not sep or kind not in (('jsonl', 'folder') if mod == 'image' else ('jsonl',)):
-      choices = ', '.join(list(builtin) + (['jsonl:PATH', 'folder:DIR'] if mod == 'image' else
-                                           ['espeak:CORPUS', 'jsonl:PATH']))
+    if not sep or kind not in user:
+      choices = ', '.join(list(builtin) + (['jsonl:PATH', 'folder:DIR', 'parquet:GLOB'] if mod == 'image' else
+                                           ['espeak:CORPUS', 'jsonl:PATH', 'parquet:GLOB']))
       raise text.MissingCorpus(f'{mod}.sources: unknown source {name!r} (choices: {choices})')
     found = (storage.exists(path) if storage.is_url(path) else
-             bool(glob.glob(path)) if any(c in path for c in '*?[') else os.path.isfile(path))
+             bool(glob.glob(path, recursive=True)) if any(c in path for c in '*?[') else os.path.isfile(path))
     if not found:
       raise text.MissingCorpus(f'{mod}.sources: {path} not found (from {name!r})')
+    if kind == 'parquet' and not storage.is_url(path):
+      for f in sorted(glob.glob(path, recursive=True)):
+        records.parquet_schema(mod, f, lambda p: open(p, 'rb'))
 
 
 def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = '', beam_options: str = '') -> int:
@@ -110,7 +115,8 @@ def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = 
     with _building(root) as local:
       manifest = build_text(local, sources=sources, vocab_size=cfg.vocab.text_size,
                             val_fraction=cfg.data.val_fraction, max_docs=cfg.data.text_max_docs,
-                            spm_sample_docs=cfg.data.spm_sample_docs, progress=progress)
+                            spm_sample_docs=cfg.data.spm_sample_docs, progress=progress,
+                            max_bad_fraction=cfg.data.max_bad_fraction)
     for split, info in manifest['splits'].items():
       tokens = sum(s['num_tokens']['text'] for s in info['shards'])
       log.info('text %s: %d documents, %d tokens -> %s', split, info['num_records'], tokens, root)
@@ -134,7 +140,8 @@ def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = 
                         f'use --force to rebuild it or another {mod}.name')
     start = time.time()
     with _building(pair_root) as local:
-      pair_manifest = build(local, text_tokenizer=text_tok, cfg=section, progress=progress, log=log.info)
+      pair_manifest = build(local, text_tokenizer=text_tok, cfg=section, progress=progress, log=log.info,
+                            max_bad_fraction=cfg.data.max_bad_fraction)
     codebook = pair_manifest['tokenizers'][mod]['codebook_size']
     if codebook != cfg.vocab[f'{mod}_size']:
       raise ConfigError(f'the {mod} tokenizer has {codebook} codes but vocab.{mod}_size is '

@@ -7,6 +7,7 @@ experiments/custom.py end to end:
   my_corpus/text/NNNN.txt          one UTF-8 document per file: Python's own documentation (pydoc)
   my_corpus/images/captions.jsonl  {"image": "shapes/NNNN.png", "caption": "a red circle on white"}
   my_corpus/images/shapes/         64 x 64 PNGs drawn with PIL: a shape of a colour and a size
+  my_corpus/images/pairs.parquet   with --parquet: the same pairs, columns "image" (the PNG bytes) and "caption"
   my_corpus/speech/clips.jsonl     {"audio": "wav/NNNN.wav", "text": "the sentence spoken"}
   my_corpus/speech/wav/            sentences spoken by espeak-ng in a voice the demo does not use, 22.05 kHz
 """
@@ -81,6 +82,20 @@ def write_images(folder, n: int, seed=0):
   return n
 
 
+def write_parquet(folder):
+  """folder/captions.jsonl as folder/pairs.parquet, the images' bytes inline (`parquet:` sources)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, 'captions.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  images = []
+  for r in rows:
+    with open(os.path.join(folder, r['image']), 'rb') as f:
+      images.append(f.read())
+  pq.write_table(pa.table({'image': images, 'caption': [r['caption'] for r in rows]}),
+                 os.path.join(folder, 'pairs.parquet'))
+
+
 def write_speech(folder, n: int, seed=0):
   """Short sentences about the shapes, spoken by espeak-ng at its native 22.05 kHz."""
   os.makedirs(os.path.join(folder, 'wav'), exist_ok=True)
@@ -104,10 +119,13 @@ def main(argv=None):
   p.add_argument('--docs', type=int, default=400, help='text documents')
   p.add_argument('--images', type=int, default=240, help='captioned images')
   p.add_argument('--clips', type=int, default=60, help='spoken sentences')
+  p.add_argument('--parquet', action='store_true', help='also write the image pairs as images/pairs.parquet')
   args = p.parse_args(argv)
   counts = (write_text(os.path.join(args.out, 'text'), args.docs),
             write_images(os.path.join(args.out, 'images'), args.images),
             write_speech(os.path.join(args.out, 'speech'), args.clips))
+  if args.parquet:
+    write_parquet(os.path.join(args.out, 'images'))
   print(f'{args.out}: {counts[0]} text documents, {counts[1]} captioned images, {counts[2]} spoken sentences')
   return 0
 
