@@ -24,7 +24,7 @@ def get_config(arg=None):
   corpus = arg or 'my_corpus'
   c = base_config.get_config()
   c.model.update(d_model=128, n_layers=4, n_heads=4, d_head=32, d_ff=384, base_width=128, base_depth=4)
-  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES, issue 8)
+  c.model.scan_layers = False  # unrolled is faster on CPU for a few layers (BUILD_NOTES "Performance on CPU")
   c.vocab.update(text_size=1000)
   c.data.update(root='data', text_name='custom-text', text_sources=f'txt:{corpus}/text/**/*.txt', seq_len=128,
                 mix_text=0.3, mix_image=0.4, mix_audio=0.3, val_fraction=0.1)  # small corpora: hold out more
@@ -34,5 +34,5 @@ def get_config(arg=None):
   c.mesh.update(data=-1, fsdp=2, tensor=1)
   c.train.update(num_steps=1000, batch_size=16, log_every_steps=50, eval_batches=1)
   c.checkpoint.update(every_steps=250, keep=2)
-  c.eval.tasks = 'elbo,text_infill,i2t,s2t'
+  c.eval.tasks = 'elbo,text_infill,t2i_features,i2t,s2t'  # t2i_features: T2I in the image tokenizer's features
   return c

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from helpers import REPO
@@ -93,5 +94,6 @@ def test_own_corpus_prepares_trains_samples_and_evaluates(prepared, tmp_path):
     assert cli.main(['sample', f'--workdir={workdir}', f'--task={task}', f'--out={out}', '--n=1', *extra]) == 0, task
     assert os.path.isfile(os.path.join(out, 'index.html')), task
   results = evaluators.eval_command(workdir)
-  assert {'text/infill_token_acc', 'i2t/token_acc', 's2t/word_acc'} <= set(results)
+  assert {'text/infill_token_acc', 'i2t/token_acc', 's2t/word_acc', 't2i_features/fd', 't2i_features/spread'} <= set(results)
+  assert np.isfinite(results['t2i_features/fd']) and results['t2i_features/fd_random'] > 0
   assert not any(k.startswith('t2i/digit') for k in results)

@@ -153,7 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
                                    schedule='cosine', guidance=1.0 if task in ('t2i', 't2s') else 0.0, cache=True)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.tasks = 'elbo,text_infill,t2i_digits,t2s,i2t,s2t'  # EVALUATORS (evaluation/evaluators.py); skipped without their data.
+  c.eval.tasks = 'elbo,text_infill,t2i_digits,t2i_features,t2s,i2t,s2t'  # EVALUATORS (evaluation/evaluators.py); skipped without their data.
   c.eval.every_steps = 0  # During training: run eval.tasks (except elbo) every this many steps (0: off).
   c.eval.num = 50  # Generated samples per evaluator (T2I digits: rounded up to a multiple of 10).
   c.eval.seed = 0  # Seeds the samplers and the digit classifier.

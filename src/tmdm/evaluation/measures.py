@@ -1,5 +1,6 @@
 """The measures behind evaluators.py, on numpy arrays (no model): a digit classifier and its features,
-the Fréchet distance, DTW-aligned log-mel distance, word error rate, digit words in captions.
+the image tokenizer's encoder features, the Fréchet distance, the spread of a sample and caption
+matching by nearest neighbours, DTW-aligned log-mel distance, word error rate, digit words in captions.
 
 Legend: N items, H W image side, F G frames, M mel bands, K features.
 """
@@ -67,6 +68,84 @@ def frechet(a_NK, b_NK) -> float:
   root = linalg.sqrtm(ca @ cb)
   root = root.real if np.iscomplexobj(root) else root
   return float(np.sum((a.mean(0) - b.mean(0))**2) + np.trace(ca + cb - 2.0 * root))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder_feature_fn(tok):
+  """A jitted (params, images_NHWC) -> [N, F] for one image tokenizer (one compile per tokenizer)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tmdm.tokenizers import image as image_tok  # pylint: disable=import-outside-toplevel
+  layer = 'enc_res'  # Autoencoder.encode's last hidden layer: the one the FSQ projection reads.
+
+  @jax.jit
+  def fn(params, x_NHWC):
+    _, state = tok.model.apply(params, x_NHWC, method=image_tok.Autoencoder.encode, mutable=['intermediates'],
+                               capture_intermediates=lambda mdl, _: mdl.name == layer)
+    h_NhwF = state['intermediates'][layer]['__call__'][0]
+    return h_NhwF.mean(axis=(1, 2))
+  return fn
+
+
+def has_encoder_features(tok) -> bool:
+  from tmdm.tokenizers import image as image_tok  # pylint: disable=import-outside-toplevel
+  return isinstance(tok, image_tok.ImageTokenizer)
+
+
+def encoder_features(tok, images_NHWC) -> np.ndarray:
+  """The image tokenizer's own features of images in [0, 1]: its encoder's last hidden layer (`width`
+  channels at the latent resolution, before the projection to the FSQ latent), averaged over
+  positions -> [N, width] float64. Like Inception's pool features for FID: what the tokenizer sees of
+  colour, edges and texture, not where. (The FSQ latent itself has len(levels) = 4 channels: averaged
+  it is blind to most content, flattened (8 x 8 x 4 = 256) it has more dimensions than eval.num samples.)
+  On the demo's digits (width 32, 163 held-out) the nearest held-out neighbour in these features has
+  the same digit for 52% (chance 10%): 2 x 2 pooling gives 77% with 4 x the dimensions, the flattened
+  latent 94% with 256, the pooled latent 31%."""
+  from tmdm.tokenizers import learned  # pylint: disable=import-outside-toplevel
+  fn = _encoder_feature_fn(tok)
+  out = learned.batched_apply(lambda x: fn(tok.params, x), np.asarray(images_NHWC, np.float32), tok.batch)
+  return np.zeros((0, tok.cfg.width), np.float64) if out is None else np.asarray(out, np.float64)
+
+
+def mean_pairwise_distance(x_NK) -> float:
+  """Mean Euclidean distance over all pairs of distinct items (nan for fewer than 2)."""
+  x = np.asarray(x_NK, np.float64)
+  if len(x) < 2:
+    return float('nan')
+  d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :])**2).sum(-1), 0.0))
+  return float(d.sum() / (len(x) * (len(x) - 1)))
+
+
+def spread(gen_NK, real_NK) -> float:
+  """Mean pairwise feature distance among generated items over that among real ones: 1 as varied as
+  the data, near 0 one image for every prompt, above 1 more varied than the data (e.g. noise)."""
+  return mean_pairwise_distance(gen_NK) / max(mean_pairwise_distance(real_NK), 1e-12)
+
+
+def _same_caption(captions) -> np.ndarray:
+  norm = [' '.join(words(c)) for c in captions]
+  return np.array([[a == b for b in norm] for a in norm])
+
+
+def nn_caption_match(gen_NK, real_NK, captions_N) -> tuple[np.ndarray, float]:
+  """Generated item i was asked for by captions_N[i], the caption of real item i. Per item: whether the
+  real item nearest to it in feature space has the same caption (words compared, lowercase); and
+  chance, the expected hit rate of a real item drawn at random (mean share of items sharing the
+  caption). Exact caption equality: two phrasings of one content count as different, for the chance
+  as for the model."""
+  gen, real = np.asarray(gen_NK, np.float64), np.asarray(real_NK, np.float64)
+  same = _same_caption(captions_N)
+  nearest = np.argmin(((gen[:, None, :] - real[None, :, :])**2).sum(-1), axis=1)
+  return same[np.arange(len(gen)), nearest].astype(np.float64), float(same.mean())
+
+
+def nn_caption_match_real(real_NK, captions_N) -> float:
+  """The same for the real items themselves, leaving each out of its own neighbours: how often two
+  nearest real images share a caption, i.e. how far these features tell the captions apart at all."""
+  real = np.asarray(real_NK, np.float64)
+  same = _same_caption(captions_N)
+  d = ((real[:, None, :] - real[None, :, :])**2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  return float(np.mean(same[np.arange(len(real)), np.argmin(d, axis=1)]))
 
 
 def trim_silence(logmel_FM, below_peak: float = 4.0) -> np.ndarray:
