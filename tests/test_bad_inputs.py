@@ -60,6 +60,9 @@ def _cases(d):
   return {
       'int key given a word': (['train', f'--config={SMOKE}', f'--workdir={d}/run', '--config.train.num_steps=abc'],
                                "--config.train.num_steps: expected an integer, got 'abc'"),
+      'unknown digit caption style': (['train', f'--config={SMOKE}', f'--workdir={d}/run',
+                                       '--config.image.digit_captions=short'],
+                                      "image.digit_captions must be 'varied' or 'word', got 'short'"),
       'float key given a word': (['train', f'--config={SMOKE}', f'--workdir={d}/run', '--config.optim.lr=fast'],
                                  "--config.optim.lr: expected a number, got 'fast'"),
       'mesh larger than the devices': (['train', f'--config={SMOKE}', f'--workdir={d}/run', '--config.mesh.data=16'],
@@ -221,3 +224,19 @@ def test_a_wide_image_keeps_its_aspect_ratio(fit):
   else:  # squashed: green edges, colour to the top and bottom rows
     assert close(out[1, 1], green) and close(out[1, 8], red) and close(out[30, 24], blue)
   assert out.shape == (32, 32, 3)
+
+
+def test_digit_caption_styles():
+  """'word' captions each digit with its number word alone; 'varied' keeps the eight phrasings, each
+  naming the digit (as a word or a numeral); the images and their order do not depend on the style."""
+  got = {}
+  for style in ('varied', 'word'):
+    counts = collections.Counter()
+    got[style] = list(image.read_source('digits', 8, np.random.default_rng(0), counts, digit_captions=style))
+  word, varied = got['word'], got['varied']
+  assert len(word) == len(varied) == 1797
+  assert all(it.caption == image.NUMBER_WORDS[it.label] for it in word)
+  assert all(np.array_equal(a.image_HWC, b.image_HWC) and a.label == b.label for a, b in zip(word, varied))
+  assert len({it.caption for it in varied if it.label == 7}) == len(image.DIGIT_CAPTIONS)
+  assert all(image.NUMBER_WORDS[it.label] in it.caption or str(it.label) in it.caption for it in varied)
+

@@ -167,6 +167,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.image.val_fraction = 0.1  # Share of pairs held out (by key hash: one icon's sizes stay together).
   c.image.seed = 0  # Seeds caption phrasing and tokenizer training.
   c.image.size = 32  # Image side in pixels (RGB) given to the tokenizer.
+  c.image.digit_captions = 'varied'  # Captions of the `digits` source: 'varied' (8 phrasings) or 'word' (the number word alone).
   c.image.fit = 'pad'  # A non-square image: 'pad' (centred on white), 'crop' (centre square) or 'stretch'.
   c.image.levels = (8, 5, 5, 5)  # FSQ levels per latent channel; their product must equal vocab.image_size.
   c.image.downsamples = 2  # Stride-2 stages: tokens per image = (size / 2**downsamples)**2 (32 px -> 64).

@@ -83,6 +83,8 @@ def validate(cfg, num_devices=None, process_count=1):
     _need(cfg.vocab[k] > 0, f'vocab.{k} must be positive')
   _need(cfg.data.seq_len >= 4, f'data.seq_len must be at least 4, got {cfg.data.seq_len}')
   _need(0 <= cfg.data.val_fraction < 1, 'data.val_fraction must be in [0, 1)')
+  _need(cfg.image.digit_captions in ('varied', 'word'),
+        f"image.digit_captions must be 'varied' or 'word', got {cfg.image.digit_captions!r}")
   _need(cfg.image.fit in ('pad', 'crop', 'stretch'),
         f"image.fit must be 'pad', 'crop' or 'stretch', got {cfg.image.fit!r}")
   _need(cfg.data.num_workers >= 0 and cfg.data.prefetch >= 0, 'data.num_workers and data.prefetch must be >= 0')

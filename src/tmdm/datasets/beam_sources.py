@@ -213,7 +213,7 @@ def _replay_builtin_images(sources, cfg):
   for s, name in sources:
     counts = dict.fromkeys(IMAGE_SKIPS, 0)
     got = 0
-    for item in image.read_source(name, cfg.size, rng, counts, cfg.fit):
+    for item in image.read_source(name, cfg.size, rng, counts, cfg.fit, digit_captions=cfg.digit_captions):
       if not item.caption.strip():
         counts['empty_caption'] += 1
         continue

@@ -37,6 +37,8 @@ NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', '
 DIGIT_CAPTIONS = ('a handwritten digit {word}', 'the number {n} written by hand', 'a hand-drawn {word}',
                   'the digit {n}', 'a scanned handwritten {word}', 'the numeral {word}, written in ink',
                   'a small picture of the number {word}', 'handwriting: the digit {n}')
+# image.digit_captions: 'varied' phrasings, or the number word alone (the whole caption is what the image decides).
+DIGIT_CAPTION_STYLES = {'varied': DIGIT_CAPTIONS, 'word': ('{word}',)}
 ICON_CAPTIONS = ('an icon of {phrase}', 'the {phrase} icon', 'a {style} icon showing {phrase}',
                  'a small {style} picture of {phrase}', '{phrase}, as an icon')
 ICON_DROP_WORDS = {'symbolic', 'x', 'rtl', 'ltr'}  # Name parts that say nothing about the picture.
@@ -84,11 +86,11 @@ def digit_to_rgb(digit_88, size: int = 32) -> np.ndarray:
   return np.repeat(np.asarray(img, np.uint8)[..., None], 3, axis=-1)
 
 
-def read_digits(size, rng, counts):
+def read_digits(size, rng, counts, templates=DIGIT_CAPTIONS):
   from sklearn import datasets  # pylint: disable=import-outside-toplevel  (slow import, one source)
   digits = datasets.load_digits()
   for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-    template = DIGIT_CAPTIONS[rng.integers(len(DIGIT_CAPTIONS))]
+    template = templates[rng.integers(len(templates))]
     caption = template.format(word=NUMBER_WORDS[label], n=int(label))
     counts['read'] += 1
     yield Item(f'digit-{i}', caption, digit_to_rgb(img, size), int(label))
@@ -193,13 +195,15 @@ USER_IMAGE_SOURCES = {'jsonl': read_pairs_jsonl, 'parquet': read_pairs_parquet,
                       'folder': lambda d, *a, **k: read_pairs_jsonl(os.path.join(d, 'captions.jsonl'), *a, **k)}
 
 
-def read_source(name, size, rng, counts, fit='pad', tally=None):
+def read_source(name, size, rng, counts, fit='pad', tally=None, digit_captions='varied'):
   kind, sep, arg = name.partition(':')
   if sep and kind in USER_IMAGE_SOURCES:
     return USER_IMAGE_SOURCES[kind](arg, size, rng, counts, fit=fit, tally=tally, name=name)
   if name not in IMAGE_SOURCES:
     raise text.MissingCorpus(f'unknown image source {name!r} (choices: {", ".join(IMAGE_SOURCES)}, '
                              'jsonl:PATH, folder:DIR, parquet:GLOB)')
+  if name == 'digits':
+    return read_digits(size, rng, counts, DIGIT_CAPTION_STYLES[digit_captions])
   return IMAGE_SOURCES[name](size, rng, counts)
 
 
@@ -230,7 +234,7 @@ def prepare_image(root, *, text_tokenizer: text.TextTokenizer, cfg, progress=Non
   items, per_source = [], {}
   for name in [s.strip() for s in cfg.sources.split(',') if s.strip()]:
     got = []
-    for item in progress(read_source(name, cfg.size, rng, counts, cfg.fit, tally), desc=f'reading {name}',
+    for item in progress(read_source(name, cfg.size, rng, counts, cfg.fit, tally, cfg.digit_captions), desc=f'reading {name}',
                          unit='img'):
       if not item.caption.strip():
         counts['empty_caption'] += 1

@@ -25,6 +25,11 @@ def copy_text_tokenizer(tok: text.TextTokenizer, root):
   shutil.copyfile(tok.path, os.path.join(root, os.path.basename(tok.path)))
 
 
+# Settings added after datasets were built, with the value that reproduces what those datasets hold, so
+# that a dataset built before a key existed is not condemned as built with other settings.
+ADDED_SETTINGS = {'image': {'digit_captions': 'varied'}}
+
+
 def settings_of(cfg, text_tokenizer_sha256: str) -> dict:
   """What decides a pairs dataset's content: its config section (less the folder name) and the caption
   tokenizer. Round-tripped through JSON so that tuples compare equal to lists."""

@@ -131,6 +131,7 @@ def prepare(cfg, *, force: bool = False, progress=_progress, beam_runner: str = 
     settings = pairs.settings_of(section, text_tok.sha256)
     if storage.isfile(storage.join(pair_root, store.MANIFEST)) and not force:
       saved = store.read_manifest(pair_root)['source'].get('settings') or {}
+      saved = {**pairs.ADDED_SETTINGS.get(mod, {}), **saved}  # Keys newer than the dataset: what it was built with.
       if saved == settings:
         log.info('%s dataset %s is ready (use --force to rebuild)', mod, pair_root)
         continue

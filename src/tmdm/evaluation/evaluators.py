@@ -87,7 +87,8 @@ def t2i_digits(ctx: generate.Context, settings=None) -> dict:
   e = ctx.cfg.eval
   per_digit = max(1, math.ceil(e.num / 10))
   labels = [d for d in range(10) for _ in range(per_digit)]
-  prompts = [image_mod.DIGIT_CAPTIONS[j % len(image_mod.DIGIT_CAPTIONS)].format(word=image_mod.NUMBER_WORDS[d], n=d)
+  templates = image_mod.DIGIT_CAPTION_STYLES[ctx.cfg.image.get('digit_captions', 'varied')]  # Runs saved before the key.
+  prompts = [templates[j % len(templates)].format(word=image_mod.NUMBER_WORDS[d], n=d)
              for d in range(10) for j in range(per_digit)]
   clf, real_f, refs = _t2i_references(ctx, len(labels))
   samples, info = generate.generate(ctx, 't2i', prompts=prompts, n=1, seed=e.seed,
