@@ -175,11 +175,6 @@ def parquet_rows(kind, path, opener=open, batch_rows=1024):
         yield f'{path}:row {n}', {k: v for k, v in row.items() if not k.startswith(PANDAS_INDEX)}
 
 
-def is_user_source(name: str) -> bool:
-  kind, sep, _ = name.partition(':')
-  return bool(sep) and kind in ('jsonl', 'folder', 'parquet')
-
-
 # The policy.
 
 class Tally:
