@@ -133,3 +133,33 @@ def test_t2i_features_runs_on_any_image_data_and_skips_without_it(tmp_path, capl
   ctx = types.SimpleNamespace(cfg=cfg, root=lambda kind: empty, tokenizer=lambda kind: tok, memo={})
   assert evaluators.t2i_features(ctx) == {}
   assert any('skipping t2i_features' in r.message and 'held-out' in r.message for r in caplog.records)
+
+
+def test_t2i_digits_prompts_in_the_runs_caption_style(monkeypatch):
+  """The digit evaluator asks for digits the way the run's training captions named them: the word alone
+  under image.digit_captions=word, the eight phrasings under 'varied' and for runs saved before the key
+  (a one-word prompt to a model trained on phrasings, or the reverse, measures the wrong thing)."""
+  from tmdm.evaluation import evaluators  # pylint: disable=import-outside-toplevel
+  asked = []
+
+  class Asked(Exception):
+    pass
+
+  def fake_generate(ctx_, task, *, prompts, n, seed, settings):
+    del ctx_, n, seed, settings
+    assert task == 't2i'
+    asked.append(list(prompts))
+    raise Asked
+
+  monkeypatch.setattr(evaluators, '_t2i_references', lambda ctx, n: (None, None, None))
+  monkeypatch.setattr(evaluators.generate, 'generate', fake_generate)
+  for image_cfg in ({'digit_captions': 'word'}, {'digit_captions': 'varied'}, {}):
+    ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(eval=types.SimpleNamespace(num=20, seed=0), image=image_cfg))
+    with pytest.raises(Asked):
+      evaluators.t2i_digits(ctx, settings=lambda ctx_, task: None)
+  word, varied, before_key = asked
+  assert word == ['zero', 'zero', 'one', 'one', 'two', 'two', 'three', 'three', 'four', 'four', 'five', 'five',
+                  'six', 'six', 'seven', 'seven', 'eight', 'eight', 'nine', 'nine']
+  assert varied[:4] == ['a handwritten digit zero', 'the number 0 written by hand', 'a handwritten digit one',
+                        'the number 1 written by hand']
+  assert varied[-1] == 'the number 9 written by hand' and before_key == varied
