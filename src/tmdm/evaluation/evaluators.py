@@ -16,14 +16,18 @@
   t2s         text -> speech: DTW-aligned mean |log-mel difference| to espeak-ng's rendering of the same
               held-out transcript (minimum over eval.t2s_voices voices), between the floor (random
               codes decoded) and the ceiling (the tokenizer's reconstruction of the reference);
-              score = (floor - model) / (floor - ceiling): 0 is noise, 1 is the tokenizer's limit
+              score = (floor - model) / (floor - ceiling): 0 is noise, 1 is the tokenizer's limit.
+              References on the same scale: the held-out clips themselves (`score_data`: the data's
+              voices and speeds) and each clip scored against the next item's transcript
+              (`score_other_words`: speech that sounds right and says other words)
   text_infill text on held-out documents (cut to sample.text_len): half of the tokens masked at
               random, token accuracy of the filled ones, beside a unigram's (each masked token drawn
               from the training token frequencies, and always the most frequent one)
   i2t         image -> caption on held-out pairs (reference length): digit accuracy on digit images
               (the caption names the right digit), token accuracy, exact match
   s2t         speech -> transcript on held-out pairs (reference length): word accuracy (1 - WER),
-              token accuracy, exact match
+              token accuracy, exact match; beside chance (`word_acc_other_words`: each item's true
+              transcript read as the next item's)
 
 `settings(ctx, task)` -> (SamplerSpec, Knobs) lets the sampling sweep run the same measures.
 """
@@ -283,18 +287,37 @@ def _mel_dtw_items(ctx, waves_NS, ref_mels) -> np.ndarray:
   return np.array([min(em.dtw_distance(m, per_voice[i]) for per_voice in ref_mels) for i, m in enumerate(mels)])
 
 
+def _t2s_data_references(ctx, records, ref_mels):
+  """(the held-out clips' own distance, another item's clip's distance): the data itself through the
+  tokenizer, and speech of the data's voices and speeds that says other words (each item's clip
+  scored against the next item's transcript). A model between the two says some of the words."""
+  key = ('t2s_data', tuple(tuple(np.asarray(r['text']).tolist()) for r in records))
+  if key not in ctx.memo:
+    waves = ctx.tokenizer('audio').decode(np.stack([np.asarray(r['audio']) for r in records]))
+    own = float(np.mean(_mel_dtw_items(ctx, waves, ref_mels)))
+    other = float(np.mean(_mel_dtw_items(ctx, np.roll(waves, 1, axis=0), ref_mels))) if len(records) > 1 else None
+    ctx.memo[key] = (own, other)
+  return ctx.memo[key]
+
+
 def t2s(ctx: generate.Context, settings=None) -> dict:
   e = ctx.cfg.eval
-  texts = [ctx.tokenizer('text').decode(r['text']) for r in ctx.heldout('audio', e.num)]
+  records = ctx.heldout('audio', e.num)
+  texts = [ctx.tokenizer('text').decode(r['text']) for r in records]
   ref_mels, floor, ceiling = _t2s_references(ctx, texts)
+  data, other = _t2s_data_references(ctx, records, ref_mels)
   samples, info = generate.generate(ctx, 't2s', prompts=texts, n=1, seed=e.seed,
                                     settings=_settings(ctx, 't2s', settings))
   per_item = _mel_dtw_items(ctx, np.stack([smp.output for smp in samples]), ref_mels)
   ctx.items['t2s'] = (per_item, np.ones_like(per_item))
   model = float(np.mean(per_item))
-  return {'t2s/mel_dtw': model, 't2s/mel_dtw_floor': floor, 't2s/mel_dtw_ceiling': ceiling,
-          't2s/score': (floor - model) / max(floor - ceiling, 1e-9), 't2s/samples': len(texts),
-          't2s/seconds': info['seconds'], 't2s/forward_passes': info['forward_passes']}
+  score = lambda d: (floor - d) / max(floor - ceiling, 1e-9)
+  out = {'t2s/mel_dtw': model, 't2s/mel_dtw_floor': floor, 't2s/mel_dtw_ceiling': ceiling,
+         't2s/score': score(model), 't2s/mel_dtw_data': data, 't2s/score_data': score(data),
+         't2s/samples': len(texts), 't2s/seconds': info['seconds'], 't2s/forward_passes': info['forward_passes']}
+  if other is not None:
+    out.update({'t2s/mel_dtw_other_words': other, 't2s/score_other_words': score(other)})
+  return out
 
 
 def _caption_task(ctx, task, settings, records):
@@ -332,11 +355,20 @@ def i2t(ctx: generate.Context, settings=None) -> dict:
   return out
 
 
+def _word_acc(errors_N2) -> float:
+  """1 - WER over a set: 1 - sum(word edits) / sum(reference words), floored at 0."""
+  return float(max(0.0, 1.0 - errors_N2[:, 0].sum() / max(errors_N2[:, 1].sum(), 1)))
+
+
 def s2t(ctx: generate.Context, settings=None) -> dict:
   samples, _, out = _caption_task(ctx, 's2t', settings, ctx.heldout('audio', ctx.cfg.eval.num))
   errors = np.array([em.word_errors(smp.output, smp.reference) for smp in samples], np.float64)
   ctx.items['s2t'] = (errors[:, 1] - errors[:, 0], errors[:, 1])  # word_acc = sum(words - errors) / sum(words)
-  out['s2t/word_acc'] = float(max(0.0, 1.0 - errors[:, 0].sum() / max(errors[:, 1].sum(), 1)))
+  out['s2t/word_acc'] = _word_acc(errors)
+  if len(samples) > 1:  # Chance: each item's true transcript read as the next item's.
+    refs = [smp.reference for smp in samples]
+    out['s2t/word_acc_other_words'] = _word_acc(np.array([em.word_errors(h, r) for h, r in zip(np.roll(refs, 1), refs)],
+                                                         np.float64))
   return out
 
 
