@@ -49,6 +49,8 @@ def test_t2s_references_are_the_datas_own_clips_and_other_words(monkeypatch, aud
   other = _t2s(monkeypatch, ctx, lambda prompts: np.roll(waves, 1, axis=0))
   assert own['t2s/score'] == pytest.approx(own['t2s/score_data'], abs=1e-9)
   assert other['t2s/score'] == pytest.approx(own['t2s/score_other_words'], abs=1e-9)
+  # The references describe the data, not the model: the same whatever the generator returns.
+  assert other['t2s/score_data'] == own['t2s/score_data'] and other['t2s/score_other_words'] == own['t2s/score_other_words']
   # The measure hears the words: the data's clips well above the same clips saying other words, and
   # both above decoded random codes (0).
   assert own['t2s/score_data'] > own['t2s/score_other_words'] + 0.05  # 0.97 against 0.84 here
